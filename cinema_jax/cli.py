@@ -1,0 +1,60 @@
+"""``cinema-jax <command>``: the command line.
+
+Commands take ``--config configs/x.py[:variant]`` plus any number of ``--config.key.sub=value`` overrides.
+
+  cinema-jax demo   [--config configs/demo.py] [--config.a.b=v ...]   run the demo (``make demo``)
+  cinema-jax config SPEC [--config.a.b=v ...]                         print a resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cinema_jax import config as config_lib
+
+
+def _split_overrides(parser: argparse.ArgumentParser, rest: Sequence[str]) -> list[str]:
+  bad = [a for a in rest if not a.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.key=value)")
+  return list(rest)
+
+
+def _cmd_config(args, overrides) -> int:
+  print(config_lib.load_config(args.spec, overrides))
+  return 0
+
+
+def _cmd_demo(args, overrides) -> int:
+  from cinema_jax import demo  # jax starts only for commands that need it
+
+  return demo.main(config_lib.load_config(args.config, overrides))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="cinema-jax", description="Story-driven long-form video diffusion in JAX.")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  p = sub.add_parser("demo", help="run the demo on the embedded default (what `make demo` runs)")
+  p.add_argument("--config", default="configs/demo.py", help="config file[:variant] (default: %(default)s)")
+  p.set_defaults(run=_cmd_demo)
+  p = sub.add_parser("config", help="print a config after variants and overrides")
+  p.add_argument("spec", help="config file[:variant], e.g. configs/base.py:fsdp")
+  p.set_defaults(run=_cmd_config)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+  overrides = _split_overrides(parser, rest)
+  try:
+    return args.run(args, overrides)
+  except config_lib.ConfigError as e:
+    print(f"cinema-jax: config error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,56 @@
+"""Settings every experiment starts from: mesh, sharding rules, attention and numerics.
+
+Model configs (keyframes, video, control) import ``get_config`` from here and add their own sections, so a mesh or
+rule change is made once. Variants (``configs/base.py:VARIANT``):
+
+  default  all devices data-parallel; bf16 compute, float32 parameters.
+  fsdp     parameters and optimiser state sharded over all devices (large models on one host or a pod slice).
+  cpu8     8 fake CPU devices as data 2 x fsdp 2 x tensor 2, float32: the layout the tests and the demo use
+           (XLA_FLAGS=--xla_force_host_platform_device_count=8).
+
+Check it: ``cinema-jax config configs/base.py:fsdp --config.mesh.tensor=2`` prints the resolved config.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from cinema_jax.parallel import axes
+
+VARIANTS = ("default", "fsdp", "cpu8")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "default"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of configs/base.py; choose one of {', '.join(VARIANTS)}")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0  # parameter init and data order derive from it
+
+  # Device mesh: one size per axis of parallel.axes.MESH_AXES; -1 takes all devices left over (at most one -1).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # pure data parallel replicas
+  c.mesh.fsdp = 1  # data parallel with parameters/optimiser state sharded (ZeRO-3 style)
+  c.mesh.sequence = 1  # tokens of one sample split across devices
+  c.mesh.tensor = 1  # heads and MLP columns split across devices
+  # Logical axis -> mesh axes (see cinema_jax/parallel/axes.py for the names). First matching free rule wins.
+  c.sharding_rules = tuple((name, mesh_axes) for name, mesh_axes in axes.DEFAULT_RULES)
+
+  # Numerics: compute dtype of activations and matmuls, storage dtype of parameters (and optimiser state).
+  c.dtype = "bfloat16"
+  c.param_dtype = "float32"
+
+  # Attention: implementation None = best available (cuDNN on GPUs for unmasked attention, XLA otherwise).
+  c.attention = ml_collections.ConfigDict()
+  c.attention.implementation = config_dict.placeholder(str)  # "xla" | "cudnn" | "pallas" | None
+  c.attention.block_q = 128  # block-sparse tile rows (block summaries, Pallas kernel)
+  c.attention.block_kv = 128  # block-sparse tile columns
+
+  if variant == "fsdp":
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+  elif variant == "cpu8":
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    c.dtype = "float32"
+    c.attention.block_q = c.attention.block_kv = 16
+  return c
