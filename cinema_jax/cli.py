@@ -4,6 +4,7 @@ Commands take ``--config configs/x.py[:variant]`` plus any number of ``--config.
 
   cinema-jax demo   [--config configs/demo.py] [--config.a.b=v ...]   run the demo (``make demo``)
   cinema-jax config SPEC [--config.a.b=v ...]                         print a resolved config
+  cinema-jax bench NAME [benchmark options]                           run a benchmark (cinema_jax/bench/NAME.py)
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ def _cmd_demo(args, overrides) -> int:
   return demo.main(config_lib.load_config(args.config, overrides))
 
 
+def _cmd_bench(args, rest) -> int:
+  from cinema_jax import bench
+
+  try:
+    module = bench.load(args.name)
+  except KeyError as e:
+    print(f"cinema-jax bench: {e.args[0]}", file=sys.stderr)
+    return 2
+  return module.main(list(rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="cinema-jax", description="Story-driven long-form video diffusion in JAX.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,13 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("config", help="print a config after variants and overrides")
   p.add_argument("spec", help="config file[:variant], e.g. configs/base.py:fsdp")
   p.set_defaults(run=_cmd_config)
+  p = sub.add_parser("bench", help="run a benchmark and print its table (see cinema_jax/bench/)")
+  p.add_argument("name", help="benchmark name, e.g. keyframes, rollout, video-dit, attention")
+  p.set_defaults(run=_cmd_bench, passthrough=True)
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-  overrides = _split_overrides(parser, rest)
+  # Benchmarks parse their own options; other commands take only config overrides.
+  overrides = rest if getattr(args, "passthrough", False) else _split_overrides(parser, rest)
   try:
     return args.run(args, overrides)
   except config_lib.ConfigError as e:

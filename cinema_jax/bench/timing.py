@@ -1,0 +1,53 @@
+"""Shared measuring and printing for benchmarks: median wall time of a jitted call, compiled memory, tables."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+
+def time_call(fn: Callable[..., Any], *args: Any, warmup: int = 2, iters: int = 10) -> float:
+  """Median seconds of ``fn(*args)`` after ``warmup`` calls (the first compiles), each waited for on device."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    samples.append(time.perf_counter() - start)
+  return statistics.median(samples)
+
+
+def compiled_memory_bytes(fn: Callable[..., Any], *args: Any) -> int:
+  """Peak bytes XLA plans for one call of jitted ``fn``: arguments + outputs + temporaries - aliased (donated)."""
+  analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+  if analysis is None:
+    raise RuntimeError(f"the {jax.default_backend()} backend reports no compiled memory analysis")
+  return int(
+    analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    + analysis.temp_size_in_bytes
+    - analysis.alias_size_in_bytes
+  )
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A plain text table; floats get 4 significant digits."""
+
+  def cell(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+  cells = [list(map(str, header))] + [[cell(v) for v in row] for row in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def device_description() -> str:
+  d = jax.devices()[0]
+  return f"{jax.device_count()} x {d.platform} ({getattr(d, 'device_kind', '?')}), jax {jax.__version__}"

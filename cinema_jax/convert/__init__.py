@@ -1,0 +1,1 @@
+"""Weight converters from PyTorch / diffusers / BFL checkpoints to Flax parameters (flux.py, skyreels.py)."""

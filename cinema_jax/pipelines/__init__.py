@@ -1,0 +1,1 @@
+"""Generation pipelines: long videos by diffusion-forcing rollout (long_video.py), and later story -> movie."""
