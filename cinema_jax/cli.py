@@ -5,6 +5,8 @@ Commands take ``--config configs/x.py[:variant]`` plus any number of ``--config.
   cinema-jax demo   [--config configs/demo.py] [--config.a.b=v ...]   run the demo (``make demo``)
   cinema-jax config SPEC [--config.a.b=v ...]                         print a resolved config
   cinema-jax bench NAME [benchmark options]                           run a benchmark (cinema_jax/bench/NAME.py)
+  cinema-jax synth --out DIR [--config configs/data.py[:variant]] [--num-films N] [--seed S]
+  cinema-jax ingest PATHS... --out DIR [--config configs/data.py[:variant]]   one line per skipped file
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ def _cmd_bench(args, rest) -> int:
   return module.main(list(rest))
 
 
+def _cmd_synth(args, rest) -> int:
+  from cinema_jax.data import cli as data_cli
+
+  return data_cli.synth_main(list(rest))
+
+
+def _cmd_ingest(args, rest) -> int:
+  from cinema_jax.data import cli as data_cli
+
+  return data_cli.ingest_main(list(rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="cinema-jax", description="Story-driven long-form video diffusion in JAX.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -57,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("bench", help="run a benchmark and print its table (see cinema_jax/bench/)")
   p.add_argument("name", help="benchmark name, e.g. keyframes, rollout, video-dit, attention")
   p.set_defaults(run=_cmd_bench, passthrough=True)
+  # The data commands parse their own options (add_help=False lets --help reach them).
+  p = sub.add_parser(
+    "synth", help="write the synthetic film data set (mp4 + JSON sidecar + ground truth)", add_help=False
+  )
+  p.set_defaults(run=_cmd_synth, passthrough=True)
+  p = sub.add_parser(
+    "ingest", help="ingest videos into shards for the grain loaders (PATHS... --out DIR)", add_help=False
+  )
+  p.set_defaults(run=_cmd_ingest, passthrough=True)
   return parser
 
 
