@@ -43,8 +43,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Attention: implementation None = best available (cuDNN on GPUs for unmasked attention, XLA otherwise).
   c.attention = ml_collections.ConfigDict()
   c.attention.implementation = config_dict.placeholder(str)  # "xla" | "cudnn" | "pallas" | None
-  c.attention.block_q = 128  # block-sparse tile rows (block summaries, Pallas kernel)
-  c.attention.block_kv = 128  # block-sparse tile columns
+  # Pallas tile sizes (enter cinema_kernels.use_block_sizes with them); None = the backend's table in
+  # kernels/blocks.py (TPU 256 x 512 forward, NVIDIA 128 x 64 forward, 64 x 64 backward).
+  c.attention.block_q = config_dict.placeholder(int)  # query rows per tile
+  c.attention.block_kv = config_dict.placeholder(int)  # key columns per tile
+  c.attention.block_q_bwd = config_dict.placeholder(int)  # backward tiles; None = the forward sizes
+  c.attention.block_kv_bwd = config_dict.placeholder(int)
 
   if variant == "fsdp":
     c.mesh.data = 1

@@ -147,8 +147,6 @@ def test_dispatch_choices_and_errors():
     assert best_implementation(q, None) == "xla"
   with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
     dot_product_attention(q, k, v, implementation="flash")
-  with pytest.raises(NotImplementedError, match="not built yet"):
-    dot_product_attention(q, k, v, implementation="pallas")
   with pytest.raises(TypeError, match="DenseMask"):
     dot_product_attention(q, k, v, mask=np.ones((8, 8), bool))
   with pytest.raises(ValueError, match=r"\[B, L, H, D\]"):

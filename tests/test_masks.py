@@ -60,6 +60,12 @@ def random_masks(rng, lq, lkv, batch=None):
   zoo["full&causal"] = zoo["full"] & zoo["block_causal"]
   zoo["full|segment"] = zoo["full"] | zoo["segment_random"]
   zoo["causal&dense&segment"] = zoo["block_causal_random"] & zoo["dense"] & zoo["segment_random"]
+  if batch is not None:  # per-sample ids combined with masks shared by the batch
+    shared = masks.BlockCausalMask(
+      np.sort(rng.integers(0, 6, lq)).astype(np.int32), np.sort(rng.integers(0, 6, lkv)).astype(np.int32)
+    )
+    zoo["per_sample&shared"] = zoo["segment_random"] & shared
+    zoo["per_sample|shared"] = zoo["segment_random"] | shared
   return zoo
 
 

@@ -9,9 +9,12 @@ Implementations:
   masks beyond the logits themselves). Works everywhere, under jit, vmap, grad and shard_map.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on CUDA GPUs, bf16/fp16 only. Fast for
   ``FullMask``/no mask; any other mask is handed to cuDNN as a dense mask, which is correct but computes every tile.
-* ``"pallas"``: the block-sparse kernel of ``cinema_kernels``, which skips empty tiles (not built yet: asking for it
-  is an error that says so).
-* ``None``: the best available for the inputs: cuDNN on a GPU for unmasked bf16/fp16 attention, otherwise XLA.
+* ``"pallas"``: the block-sparse kernel of ``cinema_kernels`` (the ``kernels/`` folder): it visits only non-empty
+  tiles of the mask's block summary and applies the element mask only on partial ones; Mosaic TPU on TPUs, the
+  Triton lowering on NVIDIA GPUs, interpret mode on the CPU. Under a mesh it runs inside ``jax.shard_map`` over the
+  batch and head axes of the logical rules.
+* ``None``: the best available for the inputs: the Pallas kernel for masked attention on a TPU or GPU, cuDNN for
+  unmasked bf16/fp16 attention on a GPU, otherwise XLA.
 
 A query row that sees no key at all (a fully masked row, e.g. a padding token) returns zeros, in every
 implementation, instead of the uniform average that a softmax over equal -inf-like logits would give.
@@ -87,20 +90,59 @@ def _cudnn(q, k, v, mask, scale):
   return jnp.where(seen, out, jnp.zeros((), out.dtype))
 
 
-def _pallas(q, k, v, mask, scale):
-  raise NotImplementedError(
-    "implementation='pallas' needs the block-sparse attention kernel (cinema_kernels), which is not built yet; "
-    "use implementation='xla' or None"
+def _kernel_mesh_axes(q: jax.Array) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """Mesh axes that split the batch and the heads of ``q`` under the current mesh and logical rules.
+
+  The Pallas kernel is opaque to the SPMD partitioner, so it runs inside ``jax.shard_map``: each device attends its
+  own samples and heads. The axes come from the rules of ``activation_batch``/``activation_heads`` (the config's, or
+  the defaults), keeping only mesh axes that are not already manual, have more than one device and divide the size.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return (), ()
+  import flax.linen as nn
+
+  from cinema_jax.parallel import axes as axes_lib
+
+  rules = nn.get_logical_axis_rules() or axes_lib.DEFAULT_RULES
+  spec = nn.logical_to_mesh_axes(
+    (axes_lib.ACT_BATCH, axes_lib.ACT_LENGTH, axes_lib.ACT_HEADS, axes_lib.ACT_HEAD_DIM), tuple(rules)
   )
+  manual = set(getattr(mesh, "manual_axes", ()))
+
+  def usable(entry, size):
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    names = tuple(a for a in names if a in mesh.axis_names and a not in manual and mesh.shape[a] > 1)
+    total = 1
+    for a in names:
+      total *= mesh.shape[a]
+    return names if names and size % total == 0 else ()
+
+  return usable(spec[0], q.shape[0]), usable(spec[2], q.shape[2])
+
+
+def _pallas(q, k, v, mask, scale):
+  from cinema_kernels import sharded_block_sparse_attention  # Pallas imports only when the kernel is asked for
+
+  batch_axes, head_axes = _kernel_mesh_axes(q)
+  return sharded_block_sparse_attention(q, k, v, mask, batch_axes=batch_axes, head_axes=head_axes, scale=scale)
 
 
 _REGISTRY: dict[str, Callable] = {"xla": _xla, "cudnn": _cudnn, "pallas": _pallas}
 
 
 def best_implementation(q: jax.Array, mask: masks_lib.Mask | None) -> str:
-  """What ``implementation=None`` picks for these inputs on the current backend."""
+  """What ``implementation=None`` picks for these inputs on the current backend.
+
+  Sparse (masked) attention on a TPU or GPU goes to the block-sparse Pallas kernel, which skips empty tiles; unmasked
+  bf16/fp16 attention on a GPU goes to cuDNN; everything else (CPU, unusual head dims) to XLA.
+  """
   unmasked = mask is None or isinstance(mask, masks_lib.FullMask)
-  if jax.default_backend() == "gpu" and unmasked and q.dtype in _CUDNN_DTYPES and q.shape[-1] <= 128:
+  backend = jax.default_backend()
+  pallas_ok = q.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128)
+  if backend in ("tpu", "gpu") and not unmasked and pallas_ok:
+    return "pallas"
+  if backend == "gpu" and unmasked and q.dtype in _CUDNN_DTYPES and q.shape[-1] <= 128:
     return "cudnn"
   return "xla"
 

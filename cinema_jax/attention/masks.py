@@ -227,7 +227,8 @@ class _IdMask(Mask):
 
   def _tiles(self, qi, ki, b):
     q, kv = self._host_ids()
-    rows = np.zeros(qi.shape[0], np.int64) if b is None else b
+    # A leaf shared by the batch has one id row, whatever batch row a combined mask asks about.
+    rows = np.zeros(qi.shape[0], np.int64) if b is None or q.shape[0] == 1 else b
     qv = q[rows[:, None, None], qi]  # [t, bq, 1]
     kvv = kv[rows[:, None, None], ki]  # [t, 1, bkv]
     return self._relation(qv, kvv) & (qv >= 0) & (kvv >= 0)

@@ -1,0 +1,282 @@
+"""``cinema-jax bench attention``: the block-sparse Pallas kernel beside cuDNN and XLA on the masks of the models.
+
+Letters: B batch, L length, H heads, D head dim.
+
+Masks (at every length L): ``dense`` (no mask), ``causal`` (token-causal), ``8-segment`` (block-diagonal, 8 equal
+segments: 12.5% dense), ``frame-causal`` (diffusion forcing: 16 frames of L/16 tokens, block-causal over frames) and
+``goldenmem`` (the newest keyframe being generated after its memory frames packed at Fibonacci-pyramid sizes,
+oldest first, block-causal over frames).
+
+Implementations, all in one process on the same inputs: ``pallas`` (ours: ``dot_product_attention(...,
+implementation="pallas")``, tile lists built once on the host), ``cudnn`` (``jax.nn.dot_product_attention(
+implementation="cudnn")``: ``is_causal`` for the causal mask, the mask given densely otherwise, as an application
+would), ``xla`` (``jax.nn.dot_product_attention(implementation="xla")`` with the dense mask). Each is timed forward
+and forward+backward (``jax.grad`` of the float32 sum w.r.t. q, k, v), median of ``--iters`` runs after warm-up.
+
+Figures are reported the way the peer anchor scripts report them: B=1, H=24, D=128, bf16; FLOPs = 4 B L^2 H D x
+density (useful work only) for the forward and 3.5 x that for forward+backward; and every time also as a ratio to
+cuDNN dense measured in the same run at the same length and direction (XLA dense where cuDNN is unavailable, e.g. on
+CPU, where ``--quick`` runs the kernels in interpret mode at tiny sizes as a smoke test).
+
+  cinema-jax bench attention                       # L = 4096 and 16384 on the GPU/TPU
+  cinema-jax bench attention --lengths 4096 --json out.json
+  cinema-jax bench attention --quick               # CPU smoke test (interpret mode)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cinema_jax.attention import dot_product_attention, masks
+from cinema_jax.bench import timing
+
+MASK_NAMES = ("dense", "causal", "8-segment", "frame-causal", "goldenmem")
+IMPLEMENTATIONS = ("pallas", "cudnn", "xla")
+PHI = (1.0 + math.sqrt(5.0)) / 2.0
+
+
+def goldenmem_frame_ids(length: int) -> np.ndarray:
+  """Frame index of every token of a GoldenMem context of ``length`` tokens, oldest memory frame first.
+
+  Memory frame k (k = 1 newest) is a square of side ``floor(base / phi^k)`` tokens with ``base = sqrt(L / 1.6)``
+  (the context costs at most phi ~ 1.6 frames); the frame being generated takes the remaining tokens and comes last.
+  """
+  base = max(int(math.sqrt(length / 1.6)), 1)
+  sides = []
+  for k in range(1, 64):
+    side = int(math.floor(base / PHI**k))
+    if side < 1:
+      break
+    sides.append(side)
+  sizes = [s * s for s in reversed(sides)]  # oldest (smallest) first
+  while sizes and sum(sizes) >= length:
+    sizes.pop(0)
+  sizes.append(length - sum(sizes))  # the frame being generated
+  return np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+
+
+def benchmark_mask(name: str, length: int) -> masks.Mask | None:
+  """The mask called ``name`` at ``length`` tokens (None = dense)."""
+  if name == "dense":
+    return None
+  if name == "causal":
+    return masks.BlockCausalMask(np.arange(length, dtype=np.int32))
+  if name == "8-segment":
+    return masks.SegmentMask(np.arange(length, dtype=np.int32) * 8 // length)
+  if name == "frame-causal":
+    return masks.BlockCausalMask(np.arange(length, dtype=np.int32) * 16 // length)
+  if name == "goldenmem":
+    return masks.BlockCausalMask(goldenmem_frame_ids(length))
+  raise ValueError(f"unknown benchmark mask {name!r}; choose one of {MASK_NAMES}")
+
+
+def attention_flops(length: int, heads: int, head_dim: int, batch: int, density: float, backward: bool) -> float:
+  """Useful FLOPs: 4 B L^2 H D x density forward; forward+backward = 3.5 x forward."""
+  fwd = 4.0 * batch * length * length * heads * head_dim * density
+  return fwd * (3.5 if backward else 1.0)
+
+
+def _attention_fn(impl: str, mask: masks.Mask | None, name: str, length: int) -> Callable[..., jax.Array]:
+  if impl == "pallas":
+    return lambda q, k, v: dot_product_attention(q, k, v, mask=mask, implementation="pallas")
+  if name == "causal":
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+  if mask is None:
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  dense = jnp.asarray(mask.to_dense(length, length))[None, None]  # [1, 1, l, l]
+  return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense, implementation=impl)
+
+
+def _grad_fn(fn: Callable[..., jax.Array]) -> Callable[..., Any]:
+  return jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+
+
+def _tile_fraction(mask: masks.Mask | None, length: int, block: tuple[int, int]) -> float:
+  if mask is None:
+    return 1.0
+  summary = mask.block_summary(*block, q_len=length, kv_len=length)
+  return float((summary != masks.EMPTY).mean())
+
+
+def run(
+  lengths: list[int],
+  mask_names: list[str],
+  impls: list[str],
+  *,
+  batch: int,
+  heads: int,
+  head_dim: int,
+  dtype: Any,
+  iters: int,
+  warmup: int,
+  backward: bool,
+  xla_max_length: int,
+) -> list[dict[str, Any]]:
+  """Times every (length, mask, implementation, direction); returns one record per measurement."""
+  from cinema_kernels import default_block_sizes, resolve_flavour
+
+  flavour, interpret = resolve_flavour()
+  sizes = default_block_sizes("interpret" if interpret and jax.default_backend() == "cpu" else flavour)
+  print(f"pallas kernel: {flavour}{' (interpret mode)' if interpret else ''}, tiles {sizes}", flush=True)
+  records = []
+  for length in lengths:
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (batch, length, heads, head_dim), dtype) for key in keys)
+    for name in mask_names:
+      mask = benchmark_mask(name, length)
+      density = 1.0 if mask is None else mask.density(q_len=length, kv_len=length)
+      tiles = _tile_fraction(mask, length, sizes.fwd)
+      for impl in impls:
+        if impl == "xla" and length > xla_max_length:
+          continue
+        if impl == "cudnn" and jax.default_backend() != "gpu":
+          continue
+        fn = _attention_fn(impl, mask, name, length)
+        directions = [("fwd", jax.jit(fn))]
+        if backward:
+          directions.append(("fwd+bwd", jax.jit(_grad_fn(fn))))
+        for direction, jitted in directions:
+          record = dict(length=length, mask=name, density=density, tiles=tiles, impl=impl, direction=direction)
+          try:
+            seconds = timing.time_call(jitted, q, k, v, warmup=warmup, iters=iters)
+            flops = attention_flops(length, heads, head_dim, batch, density, direction != "fwd")
+            record.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
+          except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the table
+            record.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e)[:160]}")
+            traceback.print_exc(file=sys.stderr)
+          records.append(record)
+          print(_progress_line(record), flush=True)
+  _add_ratios(records)
+  return records
+
+
+def _progress_line(r: dict[str, Any]) -> str:
+  ms = "FAIL " + r["error"] if r.get("ms") is None else f"{r['ms']:.3f} ms"
+  return f"  L={r['length']} {r['mask']:<12} {r['impl']:<6} {r['direction']:<7} {ms}"
+
+
+def _add_ratios(records: list[dict[str, Any]]) -> None:
+  """Ratio of each time to the dense reference of the same length and direction (cuDNN, else XLA)."""
+  for r in records:
+    r["ratio"] = None
+    r["reference"] = None
+    for ref_impl in ("cudnn", "xla"):
+      ref = next(
+        (
+          x
+          for x in records
+          if x["impl"] == ref_impl
+          and x["mask"] == "dense"
+          and x["length"] == r["length"]
+          and x["direction"] == r["direction"]
+          and x.get("ms")
+        ),
+        None,
+      )
+      if ref is not None:
+        r["reference"] = f"{ref_impl} dense"
+        r["ratio"] = None if r.get("ms") is None else r["ms"] / ref["ms"]
+        break
+
+
+def table(records: list[dict[str, Any]]) -> str:
+  header = ["L", "mask", "density", "tiles", "impl", "pass", "ms", "TFLOP/s", "x ref dense", "ref"]
+  rows = []
+  for r in records:
+    rows.append(
+      [
+        r["length"],
+        r["mask"],
+        round(r["density"], 4),
+        round(r["tiles"], 4),
+        r["impl"],
+        r["direction"],
+        "FAIL" if r.get("ms") is None else float(r["ms"]),
+        "-" if r.get("tflops") is None else float(r["tflops"]),
+        "-" if r.get("ratio") is None else float(r["ratio"]),
+        r.get("reference") or "-",
+      ]
+    )
+  return timing.format_table(header, rows)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="cinema-jax bench attention", description=__doc__.split("\n\n")[0])
+  p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384])
+  p.add_argument("--masks", type=lambda s: s.split(","), default=list(MASK_NAMES), help="comma list")
+  p.add_argument("--impls", type=lambda s: s.split(","), default=list(IMPLEMENTATIONS), help="comma list")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--heads", type=int, default=24)
+  p.add_argument("--head-dim", type=int, default=128)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--no-backward", action="store_true", help="time the forward only")
+  p.add_argument("--xla-max-length", type=int, default=16384, help="skip XLA above this length (L^2 memory)")
+  p.add_argument("--block-q", type=int, default=None, help="kernel tile rows (default: the backend's)")
+  p.add_argument("--block-kv", type=int, default=None, help="kernel tile columns (default: the backend's)")
+  p.add_argument("--block-q-bwd", type=int, default=None, help="backward tile rows (default: --block-q)")
+  p.add_argument("--block-kv-bwd", type=int, default=None, help="backward tile columns (default: --block-kv)")
+  p.add_argument("--json", default=None, help="also write the records to this file")
+  p.add_argument(
+    "--quick", action="store_true", help="CPU smoke test: L=128, H=2, D=64, float32, 1 timed run (interpret mode)"
+  )
+  args = p.parse_args(argv)
+  for name in args.masks:
+    if name not in MASK_NAMES:
+      p.error(f"unknown mask {name!r}; choose from {', '.join(MASK_NAMES)}")
+  for name in args.impls:
+    if name not in IMPLEMENTATIONS:
+      p.error(f"unknown implementation {name!r}; choose from {', '.join(IMPLEMENTATIONS)}")
+  if args.quick:
+    args.lengths, args.heads, args.head_dim, args.dtype = [128], 2, 64, "float32"
+    args.iters, args.warmup = 1, 1
+    args.block_q = args.block_q or 32
+    args.block_kv = args.block_kv or 32
+  if (args.block_q is None) != (args.block_kv is None):
+    p.error("give --block-q and --block-kv together")
+  return args
+
+
+def main(argv: list[str]) -> int:
+  args = _parse(argv)
+  print(f"attention benchmark on {timing.device_description()}", flush=True)
+  print(
+    f"B={args.batch} H={args.heads} D={args.head_dim} {args.dtype}; FLOPs = 4 B L^2 H D x density, fwd+bwd = 3.5 x fwd",
+    flush=True,
+  )
+  run_fn = functools.partial(
+    run,
+    batch=args.batch,
+    heads=args.heads,
+    head_dim=args.head_dim,
+    dtype=jnp.dtype(args.dtype),
+    iters=args.iters,
+    warmup=args.warmup,
+    backward=not args.no_backward,
+    xla_max_length=args.xla_max_length,
+  )
+  if args.block_q is not None:
+    from cinema_kernels import use_block_sizes
+
+    with use_block_sizes(args.block_q, args.block_kv, args.block_q_bwd, args.block_kv_bwd) as sizes:
+      print(f"kernel tiles: {sizes}", flush=True)
+      records = run_fn(args.lengths, args.masks, args.impls)
+  else:
+    records = run_fn(args.lengths, args.masks, args.impls)
+  print(table(records))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(device=timing.device_description(), records=records), f, indent=1)
+  return 0 if all(r.get("ms") is not None for r in records if r["impl"] == "pallas") else 1

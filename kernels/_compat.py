@@ -1,0 +1,90 @@
+"""Every JAX-version-specific Pallas name the kernels use, in one place.
+
+The kernels run on jax 0.10 (CPU, interpret mode) and jax 0.11 (GPU image, TPU VMs). Pallas moves fast: compiler
+parameter classes were renamed (``TPUCompilerParams`` -> ``pltpu.CompilerParams``, ``TritonCompilerParams`` ->
+``pallas.triton.CompilerParams``), squeezed block dimensions moved from ``None`` to ``pl.squeezed``, the Triton
+lowering is deprecated in 0.11, and ``shard_map`` renamed ``check_rep`` to ``check_vma``. Kernel modules import the
+names below and nothing version-specific from ``jax.experimental.pallas`` themselves, so a JAX upgrade is one edit here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Any
+
+import jax
+from jax.experimental import pallas as pl
+
+# A block dimension of size one that the kernel does not see.
+SQUEEZED: Any = getattr(pl, "squeezed", None)
+
+
+@functools.cache
+def _pltpu():
+  from jax.experimental.pallas import tpu as pltpu
+
+  return pltpu
+
+
+def prefetch_scalar_grid_spec(**kwargs: Any) -> Any:
+  """``pltpu.PrefetchScalarGridSpec``: a grid whose leading operands are copied to scalar memory first."""
+  return _pltpu().PrefetchScalarGridSpec(**kwargs)
+
+
+def tpu_compiler_params(dimension_semantics: tuple[str, ...]) -> Any:
+  pltpu = _pltpu()
+  cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+  return cls(dimension_semantics=dimension_semantics)
+
+
+def tpu_vmem(shape: tuple[int, ...], dtype: Any) -> Any:
+  """A VMEM scratch buffer of the TPU grid spec (plain memory in interpret mode)."""
+  return _pltpu().VMEM(shape, dtype)
+
+
+def triton_compiler_params(num_warps: int, num_stages: int) -> Any:
+  try:
+    from jax.experimental.pallas import triton as pltriton
+
+    cls = pltriton.CompilerParams
+  except (ImportError, AttributeError):  # jax < 0.4.36
+    from jax.experimental.pallas import gpu as plgpu_old
+
+    cls = plgpu_old.TritonCompilerParams
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def interpret_flag(interpret: bool) -> Any:
+  """The ``interpret=`` value of ``pl.pallas_call``: the generic HLO interpreter, which runs any grid spec on CPU."""
+  return bool(interpret)
+
+
+def pallas_call(kernel: Any, **kwargs: Any) -> Any:
+  """``pl.pallas_call`` with the Triton deprecation warning of jax 0.11 silenced (the Triton path is a documented
+  fallback, chosen on purpose)."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*[Tt]riton.*deprecat.*")
+    return pl.pallas_call(kernel, **kwargs)
+
+
+@functools.cache
+def _shard_map_check_kw() -> str | None:
+  params = inspect.signature(jax.shard_map).parameters
+  for name in ("check_vma", "check_rep"):
+    if name in params:
+      return name
+  return None
+
+
+def shard_map(f: Any, *, mesh: Any, in_specs: Any, out_specs: Any) -> Any:
+  """``jax.shard_map`` without the replication check: a ``pallas_call`` carries no varying-axes information, and the
+  outputs claimed replicated over unused mesh axes are computed identically on every device of those axes."""
+  kw = {_shard_map_check_kw(): False} if _shard_map_check_kw() else {}
+  return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **kw)
+
+
+def abstract_mesh() -> Any:
+  """The mesh set by ``jax.set_mesh`` (an empty mesh when none)."""
+  return jax.sharding.get_abstract_mesh()
