@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("config", help="print a config after variants and overrides")
   p.add_argument("spec", help="config file[:variant], e.g. configs/base.py:fsdp")
   p.set_defaults(run=_cmd_config)
-  p = sub.add_parser("bench", help="run a benchmark and print its table (see cinema_jax/bench/)")
+  p = sub.add_parser("bench", help="run a benchmark and print its table (see cinema_jax/bench/)", add_help=False)
   p.add_argument("name", help="benchmark name, e.g. keyframes, rollout, video-dit, attention")
   p.set_defaults(run=_cmd_bench, passthrough=True)
   # The data commands parse their own options (add_help=False lets --help reach them).

@@ -1,2 +1,2 @@
-"""Diffusion objectives and samplers: rectified flow (flow.py), diffusion forcing (forcing.py), samplers
-(samplers.py)."""
+"""Diffusion objectives and samplers: rectified flow (flow.py), Euler/CFG (samplers.py), diffusion forcing
+(forcing.py), per-frame flow UniPC / Euler (unipc.py)."""
