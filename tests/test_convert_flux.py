@@ -211,6 +211,11 @@ def test_safetensors_reader_matches_the_library(tmp_path):
   (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
   with pytest.raises(flux.ConversionError, match="not a safetensors file"):
     flux.load_safetensors(tmp_path / "bad.safetensors")
+  # A checkpoint cut short (an interrupted download) names the file and the first tensor it cannot hold.
+  truncated = tmp_path / "truncated.safetensors"
+  truncated.write_bytes(path.read_bytes()[:-8])
+  with pytest.raises(flux.ConversionError, match=r"tensor '\w' has byte range .* truncated or corrupt"):
+    flux.load_safetensors(truncated)
 
 
 def test_compat_rejects_what_it_does_not_support():

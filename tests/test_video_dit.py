@@ -204,7 +204,7 @@ def test_scan_unrolled_and_remat_agree():
     return jnp.mean(model.apply({"params": params}, x, t, ctx) ** 2)
 
   ref_loss, ref_grad = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p)))(v["params"])
-  for policy in ("full",):
+  for policy in ("full", "dots", "attention"):
     m = tiny_model(remat=policy)
     val, grad = jax.jit(jax.value_and_grad(lambda p, m=m: loss(m, p)))(v["params"])
     np.testing.assert_allclose(val, ref_loss, rtol=1e-5)

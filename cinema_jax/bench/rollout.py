@@ -73,13 +73,15 @@ def run_windows(sampler, context, negative, num_windows: int, key) -> dict:
   """Runs one rollout of ``num_windows`` windows; per-window times, RSS after each window, checksum."""
   base_rss = _rss_bytes()
   base_max = _max_rss_bytes()
-  times, cpu_times, rss, frames = [], [], [], 0
+  times, cpu_times, rss, live, frames = [], [], [], [], 0
   checksum = 0.0
   start, cpu_start = time.perf_counter(), time.process_time()
   for chunk in sampler.stream(context, negative_prompts=negative, num_windows=num_windows, key=key, progress=False):
     times.append(time.perf_counter() - start)
     cpu_times.append(time.process_time() - cpu_start)
     rss.append(_rss_bytes())
+    # Bytes of every JAX array still alive: a sampler that kept windows (or their solver state) would grow this.
+    live.append(sum(x.nbytes for x in jax.live_arrays()))
     frames += chunk.shape[1]
     checksum += float(np.abs(chunk).mean())  # frames are consumed, not kept: memory is the sampler's own
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -90,6 +92,7 @@ def run_windows(sampler, context, negative, num_windows: int, key) -> dict:
     "cpu_per_window": statistics.median(cpu_times),
     "rss_growth_peak": max(rss) - base_rss,
     "rss_peak": max(rss),
+    "live_peak": max(live),
     "maxrss_growth": _max_rss_bytes() - base_max,
     "finite": bool(np.isfinite(checksum)),
   }
@@ -134,7 +137,7 @@ def main(argv: list[str]) -> int:
   def summary(rs):
     rs = sorted(rs, key=lambda r: r["time_per_window"])
     out = dict(rs[len(rs) // 2])
-    for name in ("rss_peak", "rss_growth_peak", "maxrss_growth"):
+    for name in ("rss_peak", "rss_growth_peak", "maxrss_growth", "live_peak"):
       out[name] = max(r[name] for r in rs)
     out["finite"] = all(r["finite"] for r in rs)
     return out
@@ -149,6 +152,7 @@ def main(argv: list[str]) -> int:
         r["time_per_window"] * 1e3,
         r["cpu_per_window"] * 1e3,
         mem[s.overlap_history] / 2**20,
+        r["live_peak"] / 2**20,
         r["rss_growth_peak"] / 2**20,
         r["maxrss_growth"] / 2**20,
         r["rss_peak"] / 2**20,
@@ -162,6 +166,7 @@ def main(argv: list[str]) -> int:
         "ms / window",
         "CPU ms / window",
         "compiled MiB / window",
+        "live arrays peak MiB",
         "RSS growth peak MiB",
         "max-RSS growth MiB",
         "RSS peak MiB",
@@ -172,11 +177,17 @@ def main(argv: list[str]) -> int:
   time_ratio = long["time_per_window"] / short["time_per_window"]
   cpu_ratio = long["cpu_per_window"] / short["cpu_per_window"]
   peak_ratio = long["rss_peak"] / short["rss_peak"]
+  live_ratio = long["live_peak"] / short["live_peak"]
+  # Process RSS is dominated by the runtime, so its growth is also judged on its own, with a small absolute floor
+  # for allocator noise: a leak of one window's worth per window would show here.
+  growth_ok = long["rss_growth_peak"] <= 1.05 * max(short["rss_growth_peak"], 0) + 8 * 2**20
   print(
     f"compiled per-window step: first window {mem[0] / 2**20:.2f} MiB, overlap windows "
     f"{mem[s.overlap_history] / 2**20:.2f} MiB (the same program for every window after the first)"
   )
   print(f"peak RSS {args.windows[1]} / {args.windows[0]} windows: {peak_ratio:.3f} (target <= 1.05)")
+  print(f"peak live JAX arrays {args.windows[1]} / {args.windows[0]} windows: {live_ratio:.3f} (target <= 1.05)")
+  print(f"RSS growth within 1.05 x + 8 MiB of the short run: {'yes' if growth_ok else 'no'}")
   print(
     f"time per window {args.windows[1]} / {args.windows[0]} windows: wall {time_ratio:.3f}, process CPU "
     f"{cpu_ratio:.3f} (target within 1.1)"
@@ -184,6 +195,6 @@ def main(argv: list[str]) -> int:
   # The verdict takes the better-behaved of the two: on a shared machine wall time also measures the neighbours'
   # load, while the process's CPU seconds measure the work it does per window.
   steady = min(abs(math.log(time_ratio)), abs(math.log(cpu_ratio))) <= math.log(1.1)
-  ok = peak_ratio <= 1.05 and steady and short["finite"] and long["finite"]
+  ok = peak_ratio <= 1.05 and live_ratio <= 1.05 and growth_ok and steady and short["finite"] and long["finite"]
   print("PASS" if ok else "FAIL")
   return 0 if ok else 1

@@ -80,7 +80,14 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if info["dtype"] not in _SAFETENSORS_DTYPES:
       raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
     lo, hi = info["data_offsets"]
-    out[name] = data[lo:hi].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+    expected = dtype.itemsize * int(np.prod(info["shape"], dtype=np.int64))
+    if not 0 <= lo <= hi <= data.size or hi - lo != expected:
+      raise ConversionError(
+        f"{path}: tensor {name!r} has byte range [{lo}, {hi}) for shape {info['shape']} {info['dtype']} "
+        f"({expected} bytes) in a data section of {data.size} bytes; the file is truncated or corrupt"
+      )
+    out[name] = data[lo:hi].view(dtype).reshape(info["shape"])
   return out
 
 

@@ -44,7 +44,7 @@ def load_state_dict(source: PathLike | Iterable[PathLike] | Mapping[str, Any]) -
   """A state dict from a mapping (torch tensors or arrays), a ``.safetensors`` file, a list of shards, or a folder.
 
   A folder is read through its ``*.safetensors.index.json`` weight map when there is one, else every
-  ``*.safetensors`` file in it. Torch tensors are converted on the host (bf16 through float32).
+  ``*.safetensors`` file in it. Torch tensors are converted on the host (bf16 stays bf16, as ``ml_dtypes.bfloat16``).
   """
   if isinstance(source, Mapping):
     return {k: to_numpy(v) for k, v in source.items()}
