@@ -17,6 +17,7 @@ Captain Cinema. Depth normalisation and point maps follow LongVie (see docs/data
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from cinema_jax.config import import_config
 
@@ -54,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ingest.detector = "content"  # PySceneDetect detector: content | adaptive | threshold | histogram | hash
   c.ingest.threshold = 27.0  # detector threshold (ContentDetector default 27; adaptive: adaptive_threshold)
   c.ingest.min_scene_len = 15  # frames; shorter shots merge into their neighbour (PySceneDetect default)
+  c.ingest.detect_downscale = config_dict.placeholder(int)  # shrink factor for shot detection (None = auto, ~256 px)
   c.ingest.captioner = "sidecar"  # captions.CAPTIONERS: sidecar = STEM.json / .srt / .txt beside the video
   c.ingest.depth = "auto"  # control.DEPTH_ESTIMATORS: auto | synthetic | precomputed | none
   c.ingest.depth_metric = False  # precomputed depth is metric (larger = farther) and must be inverted

@@ -2,12 +2,17 @@
 maps, degradations."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from cinema_jax.data import control, synthetic
 from tests.test_data_synthetic import decode, tiny_config, tiny_films
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +43,34 @@ def test_normalize_depth_global_is_global_and_near_is_zero():
   np.testing.assert_array_equal(control.normalize_depth_global(np.full((2, 3), 7.0)), np.zeros((2, 3)))
   with pytest.raises(ValueError, match="NaN or inf"):
     control.normalize_depth_global(np.array([1.0, np.nan]))
+
+
+def test_per_clip_normalisation_with_the_videos_percentiles_equals_the_global_map():
+  rng = np.random.default_rng(3)
+  depth = rng.gamma(2.0, 1.0, (12, 5, 7)).astype(np.float32)
+  p5, p95 = control.depth_percentiles(depth)
+  assert (p5, p95) == tuple(np.percentile(depth.astype(np.float64), [5, 95]))
+  whole = control.normalize_depth_global(depth)
+  for idx in ([0, 1, 2, 3], [4, 6, 8], [11]):  # clips: any subset of frames
+    np.testing.assert_array_equal(control.normalize_depth(depth[idx], p5, p95), whole[idx])
+  np.testing.assert_array_equal(control.normalize_depth(depth[:2], 4.0, 4.0), np.zeros((2, 5, 7)))
+
+
+def test_smallest_distance_hand_values_and_blocks():
+  xy = np.array([[0, 0], [10, 0], [3, 4], [20, 20]], np.float32)
+  assert control._smallest_distance(xy) == 5.0  # (0, 0) - (3, 4)
+  assert control._smallest_distance(xy, block=1) == 5.0  # the same when the rows come in blocks of one
+  assert control._smallest_distance(np.array([[1.5, 2], [7, 7], [1.5, 2]])) == 0.0  # a repeated point
+  rng = np.random.default_rng(0)
+  pts = rng.uniform(0, 100, (700, 2))
+  brute = min(np.hypot(*(pts[i] - pts[j])) for i in range(700) for j in range(i + 1, 700))
+  assert control._smallest_distance(pts, block=128) == pytest.approx(brute, rel=1e-12)
+
+
+def test_control_needs_no_scipy():
+  code = "import sys, cinema_jax.data.control, cinema_jax.data.ingest; print('scipy' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
 
 
 def test_synthetic_depth_is_inverse_z_and_normalises_near_to_zero(films):

@@ -8,11 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import weakref
 
+import cv2
 import numpy as np
 import pytest
 
-from cinema_jax.data import captions, cli, ingest, shards
+from cinema_jax.data import captions, cli, control, ingest, shards
 from tests.test_data_synthetic import decode, tiny_config, tiny_films
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +79,7 @@ def test_detect_shots_without_a_cut_and_detector_options(tmp_path):
   _ffmpeg_concat(both, ["smptebars", "rgbtestsrc"])
   assert ingest.detect_shots(both, detector="adaptive") == [(0, 24), (24, 48)]
   assert ingest.detect_shots(both, threshold=255.0) == [(0, 48)]  # nothing changes that much
+  assert ingest.detect_shots(both, downscale=4) == [(0, 24), (24, 48)]  # detection on 24 x 16 frames
   with pytest.raises(KeyError, match="unknown shot detector 'magic'"):
     ingest.detect_shots(both, detector="magic")
 
@@ -116,6 +119,22 @@ def test_sidecar_srt_and_txt(tmp_path):
   (tmp_path / "v.txt").unlink()
   with pytest.raises(captions.MissingCaption, match=r"no sidecar \(looked for v.json, v.srt, v.txt\)"):
     captions.SidecarCaptioner()(video, [(0, 5)], 12.0)
+
+
+@pytest.mark.parametrize(
+  "sidecar, field",
+  [
+    ({"captions": ["a"], "synopsis": 3}, "'synopsis' must be a string, not int 3"),
+    ({"captions": ["a", 5]}, r"'captions'\[1\] must be a string, not int 5"),
+    ({"shots": [{"start": 0, "end": 9, "caption": None}]}, r"'shots'\[0\].caption must be a string, not NoneType"),
+  ],
+)
+def test_sidecar_fields_that_are_not_text_are_named(tmp_path, sidecar, field):
+  video = tmp_path / "v.mp4"
+  (tmp_path / "v.json").write_text(json.dumps(sidecar))
+  shots = [(0, 5), (5, 9)][: len(sidecar.get("captions", [0, 0]))]
+  with pytest.raises(captions.BadSidecar, match=f"caption sidecar v.json: {field}"):
+    captions.SidecarCaptioner()(video, shots, 12.0)
 
 
 # --- clips ------------------------------------------------------------------------------------------------------
@@ -226,6 +245,108 @@ def test_bad_input_is_reported_once_and_changes_nothing_else(films, tmp_path):
   assert shards.tree_digest(tmp_path / "mixed") == shards.tree_digest(tmp_path / "clean")
 
 
+def test_sidecar_with_a_number_for_synopsis_is_skipped(films, tmp_path):
+  folder = tmp_path / "in"
+  folder.mkdir()
+  shutil.copy(films[0], folder / "numbers.mp4")
+  meta = json.loads(films[0].with_suffix(".json").read_text())
+  (folder / "numbers.json").write_text(json.dumps({**meta, "synopsis": 3}))
+  lines = []
+  report = _ingest([folder / "numbers.mp4", films[1]], tmp_path / "ds", on_skip=lines.append)
+  assert len(report.ingested) == 1
+  assert lines == [
+    f"skipped {folder / 'numbers.mp4'}: caption sidecar numbers.json: 'synopsis' must be a string, not int 3"
+  ]
+
+
+def test_unexpected_error_while_decoding_skips_only_that_file(films, tmp_path, monkeypatch):
+  real = ingest.iter_frames
+
+  def breaking(path, *args, **kw):
+    for i, frame in real(path, *args, **kw):
+      if path.name == films[1].name and i == 10:
+        raise cv2.error("decoder exploded")  # an OpenCV failure that is not one of the known bad inputs
+      yield i, frame
+
+  monkeypatch.setattr(ingest, "iter_frames", breaking)
+  lines = []
+  report = _ingest(films, tmp_path / "ds", on_skip=lines.append)
+  assert lines == [f"skipped {films[1]}: error: decoder exploded"]
+  assert len(report.ingested) == len(films) - 1 and report.skipped == [(str(films[1]), "error: decoder exploded")]
+  assert not [p for p in shards.videos_dir(tmp_path / "ds").iterdir() if p.name.startswith(shards.TMP_PREFIX)]
+  monkeypatch.setattr(ingest, "iter_frames", real)
+  _ingest([films[0], films[2]], tmp_path / "clean")
+  assert shards.tree_digest(tmp_path / "ds") == shards.tree_digest(tmp_path / "clean")
+
+
+def test_ingest_streams_one_decoded_frame_at_a_time(films, tmp_path, monkeypatch):
+  """Peak memory is bounded by one clip, not the video: never more than one full-resolution frame is alive, the
+  whole-video reader is never used, and decoding stops after the last frame a clip or keyframe needs."""
+  real, alive, most, decoded = ingest.iter_frames, [0], [0], []
+
+  def gone():
+    alive[0] -= 1
+
+  def counting(path, *args, **kw):
+    for i, frame in real(path, *args, **kw):
+      alive[0] += 1
+      most[0] = max(most[0], alive[0])
+      weakref.finalize(frame, gone)
+      decoded.append(i)
+      yield i, frame
+
+  def whole_video(*args, **kw):
+    raise AssertionError("ingest must not decode a whole video into memory")
+
+  monkeypatch.setattr(ingest, "iter_frames", counting)
+  monkeypatch.setattr(ingest, "read_video", whole_video)
+  cfg = tiny_config().ingest
+  cfg.clip_stride = 3  # overlapping clips: frames shared between clips are kept until their last clip
+  video = ingest.process_video(
+    films[0], cfg, captioner=captions.SidecarCaptioner(), depth_estimator=control.AutoDepth()
+  )
+  meta = json.loads(films[0].with_suffix(".json").read_text())
+  assert meta["num_frames"] >= 60 and video.manifest["num_clips"] >= 6 and video.manifest["has_control"]
+  assert most[0] == 1 and alive[0] == 0
+  last_needed = max(max(r["frames"][-1] for r in video.clip_records), *video.manifest["keyframes"])
+  assert decoded == list(range(last_needed + 1))
+  # The streamed result equals cutting the fully decoded video.
+  frames, _ = decode(films[0])
+  for record, clip in zip(video.clip_records, video.arrays["frames"], strict=True):
+    np.testing.assert_array_equal(clip, ingest.fit_frames(frames[record["frames"]], cfg.clip_size))
+  keyframes = ingest.fit_frames(frames[video.manifest["keyframes"]], cfg.keyframe_size)
+  np.testing.assert_array_equal(video.arrays["keyframes"], keyframes)
+
+
+def test_sharpest_keyframe_streamed_equals_the_policy_on_decoded_frames(films, tmp_path):
+  cfg = tiny_config().ingest
+  cfg.keyframe = "sharpest"
+  video = ingest.process_video(films[2], cfg, captioner=captions.SidecarCaptioner(), depth_estimator=control.NoDepth())
+  frames, _ = decode(films[2])
+  want = [ingest.keyframe_index(frames, a, b, "sharpest") for a, b in video.manifest["shots"]]
+  assert video.manifest["keyframes"] == want and "depth" not in video.arrays
+
+
+def test_manifest_sources_are_relative_so_the_location_does_not_matter(films, tmp_path):
+  here, there = tmp_path / "a" / "films", tmp_path / "b" / "deeper" / "films"
+  for folder in (here / "sub", there / "sub"):
+    folder.mkdir(parents=True)
+    for suffix in (".mp4", ".json", ".gt.npz"):
+      shutil.copy(films[0].with_suffix(suffix), folder / films[0].with_suffix(suffix).name)
+  _ingest([here], tmp_path / "one")
+  _ingest([there], tmp_path / "two")
+  assert shards.tree_digest(tmp_path / "one") == shards.tree_digest(tmp_path / "two")
+  assert [v["source"] for v in shards.load_manifest(tmp_path / "one")["videos"]] == [f"sub/{films[0].name}"]
+  _ingest([here / "sub" / films[0].name], tmp_path / "file")
+  assert [v["source"] for v in shards.load_manifest(tmp_path / "file")["videos"]] == [films[0].name]
+  assert (
+    str(tmp_path)
+    not in (shards.videos_dir(tmp_path / "one"))
+    .joinpath(shards.finished_videos(tmp_path / "one")[0]["id"], "video.json")
+    .read_text()
+  )
+
+
 def test_unreadable_file_is_reported(films, tmp_path, monkeypatch):
   def refuse(path):
     raise PermissionError(13, "Permission denied", str(path))
@@ -323,8 +444,7 @@ def test_main_cli_runs_the_data_commands(films, tmp_path, capsys):
   from cinema_jax import cli as main_cli
 
   sub = next(a for a in main_cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-  if not {"synth", "ingest"} <= set(sub.choices):
-    pytest.skip("cinema-jax synth / ingest are not wired into cinema_jax/cli.py yet")
+  assert {"synth", "ingest"} <= set(sub.choices)
   args = ["--out", str(tmp_path / "ds"), "--config", "configs/data.py:tiny", "--quiet"]
   assert main_cli.main(["ingest", str(films[0]), str(tmp_path / "missing.mp4"), *args]) == 0
   assert f"skipped {tmp_path / 'missing.mp4'}: no such file" in capsys.readouterr().out

@@ -8,7 +8,8 @@ vision-language captioner plugs in by implementing the same call and registering
 
 * ``STEM.json``: ``{"shots": [{"start": int, "end": int, "caption": str}, ...], "synopsis": str}`` with frame
   ranges end exclusive (the synthetic films' sidecar), or ``{"captions": [str, ...], "synopsis": str}`` with one
-  caption per detected shot, in order. ``synopsis`` is optional.
+  caption per detected shot, in order. ``synopsis`` is optional. A caption or synopsis that is not a string is a
+  ``BadSidecar`` error naming the file and the field.
 * ``STEM.srt``: subtitles; a shot's caption is the text of every cue that overlaps it in time, in order.
 * ``STEM.txt``: one line per detected shot, or a single line used for every shot.
 
@@ -31,6 +32,16 @@ Shots = Sequence[tuple[int, int]]
 
 class MissingCaption(ValueError):
   """No usable caption for a video or one of its shots."""
+
+
+class BadSidecar(MissingCaption):
+  """A caption sidecar whose fields have the wrong type (e.g. a number where text belongs)."""
+
+
+def _text(value, source: pathlib.Path, field: str) -> str:
+  if not isinstance(value, str):
+    raise BadSidecar(f"caption sidecar {source.name}: {field} must be a string, not {type(value).__name__} {value!r}")
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +74,10 @@ def _from_json(source: pathlib.Path, shots: Shots) -> FilmCaptions:
   if not isinstance(data, dict):
     raise MissingCaption(f"caption sidecar {source.name} is not a JSON object")
   synopsis = data.get("synopsis")
+  if synopsis is not None:
+    _text(synopsis, source, "'synopsis'")
   if isinstance(data.get("captions"), list):
-    texts = [str(c) for c in data["captions"]]
+    texts = [_text(c, source, f"'captions'[{i}]") for i, c in enumerate(data["captions"])]
     if len(texts) != len(shots):
       raise MissingCaption(f"{source.name} has {len(texts)} captions for {len(shots)} detected shots")
     return _finish(texts, synopsis, shots, source)
@@ -72,9 +85,10 @@ def _from_json(source: pathlib.Path, shots: Shots) -> FilmCaptions:
   if not isinstance(ranged, list) or not ranged:
     raise MissingCaption(f"caption sidecar {source.name} has neither 'shots' nor 'captions'")
   try:
-    spans = [((float(s["start"]), float(s["end"])), str(s.get("caption", ""))) for s in ranged]
-  except (KeyError, TypeError, ValueError) as e:
+    spans = [((float(s["start"]), float(s["end"])), s.get("caption", "")) for s in ranged]
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
     raise MissingCaption(f"caption sidecar {source.name}: a shot lacks start/end ({e})") from e
+  spans = [(span, _text(text, source, f"'shots'[{i}].caption")) for i, (span, text) in enumerate(spans)]
   texts = []
   for shot in shots:
     best = max(spans, key=lambda span: _overlap(span[0], shot))

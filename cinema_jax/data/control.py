@@ -17,13 +17,13 @@ drawn first (smaller disparity at the current frame), so nearer ones cover them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from collections.abc import Sequence
 from typing import Protocol
 
 import cv2
 import numpy as np
-from scipy import spatial
 
 # ---------------------------------------------------------------------------------------------------------------
 # Depth.
@@ -33,17 +33,38 @@ def normalize_depth_global(depth: np.ndarray) -> np.ndarray:
   """LongVie's global normalisation: p5, p95 over every value of the video; clip; (p95 - d) / (p95 - p5).
 
   ``depth`` is inverse depth (disparity, larger = nearer) of any shape, usually [F, H, W]. Returns float32 in
-  [0, 1] with near = 0. A constant input (p95 == p5) maps to zeros.
+  [0, 1] with near = 0. A constant input (p95 == p5) maps to zeros. Equals ``normalize_depth(d,
+  *depth_percentiles(d))``, which ingest uses to normalise one clip at a time with the whole video's percentiles.
   """
+  return normalize_depth(depth, *depth_percentiles(depth))
+
+
+def depth_percentiles(depth: np.ndarray) -> tuple[float, float]:
+  """(p5, p95) over every value of ``depth`` (the whole video's inverse depth)."""
   d = np.asarray(depth, np.float64)
   if d.size == 0:
     raise ValueError("normalize_depth_global: empty depth array")
   if not np.isfinite(d).all():
     raise ValueError("normalize_depth_global: depth holds NaN or inf")
   p5, p95 = np.percentile(d, [5, 95])
+  return float(p5), float(p95)
+
+
+def normalize_depth(depth: np.ndarray, p5: float, p95: float) -> np.ndarray:
+  """(p95 - clip(d, p5, p95)) / (p95 - p5) as float32 in [0, 1] (near = 0); zeros when p95 <= p5."""
+  d = np.asarray(depth, np.float64)
   if p95 <= p5:
     return np.zeros(d.shape, np.float32)
   return ((p95 - np.clip(d, p5, p95)) / (p95 - p5)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoFrames:
+  """What ingest hands a depth estimator instead of decoded pixels: the video and its decoded shape [F, H, W, 3].
+  Ingest streams and never holds a whole video; an estimator that needs the pixels reads ``path`` itself."""
+
+  path: pathlib.Path
+  shape: tuple[int, int, int, int]
 
 
 class DepthError(ValueError):
@@ -53,13 +74,14 @@ class DepthError(ValueError):
 class DepthEstimator(Protocol):
   """Inverse depth for a decoded video.
 
-  ``__call__(video_path, frames)``: ``frames`` uint8 [F, H, W, 3] as decoded. Returns float32 [F, H, W] (larger =
-  nearer), or None when this estimator has nothing for the video (then the video gets no control maps). Raises
-  ``DepthError`` when a depth source exists but does not fit. A model-based estimator (a Video Depth Anything port)
-  implements this same call.
+  ``__call__(video_path, frames)``: ``frames`` uint8 [F, H, W, 3] as decoded, or (from ingest) a ``VideoFrames``
+  with only the path and that shape; an estimator that needs pixels decodes ``video_path`` itself, streaming.
+  Returns float32 [F, H, W] (larger = nearer), or None when this estimator has nothing for the video (then the
+  video gets no control maps). Raises ``DepthError`` when a depth source exists but does not fit. A model-based
+  estimator (a Video Depth Anything port) implements this same call.
   """
 
-  def __call__(self, video_path: pathlib.Path, frames: np.ndarray) -> np.ndarray | None: ...
+  def __call__(self, video_path: pathlib.Path, frames: np.ndarray | VideoFrames) -> np.ndarray | None: ...
 
 
 def _check_shape(depth: np.ndarray, frames: np.ndarray, source: pathlib.Path) -> np.ndarray:
@@ -262,6 +284,19 @@ def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
   return image[row, col]
 
 
+def _smallest_distance(xy: np.ndarray, block: int = 512) -> float:
+  """Smallest Euclidean distance between two of the points ``xy`` [N, 2] (N >= 2), in float64; rows in blocks so
+  the distance matrix never exceeds ``block`` x N (LongVie's 70 x 70 grid is 4900 points)."""
+  xy = np.asarray(xy, np.float64)
+  best = math.inf
+  for lo in range(0, len(xy), block):
+    d = np.sqrt(((xy[lo : lo + block, None, :] - xy[None, :, :]) ** 2).sum(-1))
+    rows = np.arange(lo, min(lo + block, len(xy)))
+    d[rows - lo, rows] = math.inf  # not a point's distance to itself
+    best = min(best, float(d.min()))
+  return best
+
+
 def render_point_map(tracks: Tracks, disparity: np.ndarray, size_fraction: float = 0.5) -> np.ndarray:
   """LongVie point maps, uint8 [T, H, W, 3], from tracks [N, T] and inverse depth ``disparity`` [T, H, W]."""
   t_len, h, w = disparity.shape
@@ -272,7 +307,7 @@ def render_point_map(tracks: Tracks, disparity: np.ndarray, size_fraction: float
   xy0 = tracks.xy[first, 0]
   colours = point_colours(xy0, _sample(disparity[0], xy0))
   if len(first) > 1:
-    gap = float(spatial.cKDTree(xy0).query(xy0, k=2)[0][:, 1].min())
+    gap = _smallest_distance(xy0)
   else:
     gap = float(min(h, w))
   half = max(size_fraction * gap, 1.0) / 2

@@ -10,9 +10,10 @@ and a batch. Iterating it gives dicts of numpy arrays; ``iter(loader)`` has ``ge
 record's position in the sampler order, so the same seed gives the same batches on every run and after a resume.
 
 Per-host sharding: by default ``ShardByJaxProcess(drop_remainder=True)``, so process i of n reads records
-i, i + n, ... of the (shuffled) order: disjoint, and together the whole data set. Each process loads
-``batch_size / n`` samples; ``global_batch`` assembles the per-process batches into global jax.Arrays sharded over
-the mesh's batch axes (``ACT_BATCH`` under the config's rules).
+i, i + n, ... of the (shuffled) order: disjoint, and together the whole data set except up to n - 1 records
+dropped so that every process takes the same number of steps (``drop_remainder=False`` keeps them, at the cost of
+uneven shards). Each process loads ``batch_size / n`` samples; ``global_batch`` assembles the per-process batches
+into global jax.Arrays sharded over the mesh's batch axes (``ACT_BATCH`` under the config's rules).
 
 Samples (``kind``):
 

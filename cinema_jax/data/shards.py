@@ -3,7 +3,7 @@
 ```
 DIR/manifest.json                   the data set: settings, one entry per video (sorted by id), totals
 DIR/videos/VIDEO_ID/                one finished video (a shard group); VIDEO_ID = file stem + content hash
-  video.json                        its manifest: source, decode info, shots, captions, clips, files
+  video.json                        its manifest: source (relative), decode info, shots, captions, clips, files
   films.array_record                one record: the film (shots, captions, synopsis) for keyframe samples
   clips.array_record                one record per clip (shot, caption, source frames)
   keyframes.zarr                    uint8 [S, h, w, 3]        one keyframe per shot
@@ -18,8 +18,10 @@ clip or keyframe, zstd) and are read by index. Every video is written into ``vid
 ``videos/VIDEO_ID`` when complete (a directory rename is atomic on POSIX file systems), so an interrupted ingest
 leaves at most a temporary folder, which the next run deletes; a finished folder is never rewritten. The data set
 manifest is rebuilt from the finished folders after every video (temporary file + rename). No file holds times,
-process ids or output paths, so the same inputs and settings give the same bytes whatever the history of runs.
-One ingest at a time may write to a DIR.
+process ids, output paths or absolute input paths (a video's ``source`` is its path relative to the ingest argument
+it came from: the file name for a file, the path inside the folder for a folder), so the same inputs and settings
+give the same bytes whatever the history of runs and wherever the inputs lie. One ingest at a time may write to a
+DIR.
 """
 
 from __future__ import annotations
