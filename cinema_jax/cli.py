@@ -7,6 +7,7 @@ Commands take ``--config configs/x.py[:variant]`` plus any number of ``--config.
   cinema-jax bench NAME [benchmark options]                           run a benchmark (cinema_jax/bench/NAME.py)
   cinema-jax synth --out DIR [--config configs/data.py[:variant]] [--num-films N] [--seed S]
   cinema-jax ingest PATHS... --out DIR [--config configs/data.py[:variant]]   one line per skipped file
+  cinema-jax train --config configs/X.py:variant --workdir DIR [--config.a.b=v ...]   train (resumes from DIR)
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def _cmd_ingest(args, rest) -> int:
   return data_cli.ingest_main(list(rest))
 
 
+def _cmd_train(args, rest) -> int:
+  from cinema_jax.train.cli import train_main
+
+  return train_main(list(rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="cinema-jax", description="Story-driven long-form video diffusion in JAX.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     "ingest", help="ingest videos into shards for the grain loaders (PATHS... --out DIR)", add_help=False
   )
   p.set_defaults(run=_cmd_ingest, passthrough=True)
+  p = sub.add_parser("train", help="train a model: --config configs/X.py:variant --workdir DIR", add_help=False)
+  p.set_defaults(run=_cmd_train, passthrough=True)
   return parser
 
 

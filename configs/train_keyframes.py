@@ -1,0 +1,89 @@
+"""Training the keyframe MM-DiT (rectified flow, interleaved keyframes) with progressive long-context stages.
+
+Variants (``configs/train_keyframes.py:VARIANT``):
+
+  tiny      the tiny MM-DiT (width 64, 2 + 2 blocks, 8 x 8-token frames) on synthetic latents, 8 samples per step,
+            stages of 2 then 4 keyframes per sample, float32, a checkpoint every 2 steps: the tests and the CPU
+            benchmark (a few seconds per stage on 2 CPU cores).
+  flux_dev  long-context tuning of flux1-dev (Captain Cinema): bf16 compute, FSDP over every device, full remat,
+            keyframes per sample 4 -> 8 -> 16 -> 32; load the Flux weights first (``cinema_jax.convert.flux``).
+
+Run: ``cinema-jax train --config configs/train_keyframes.py:tiny --workdir /tmp/kf`` (resumes when run again).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from cinema_jax.config import import_config
+
+VARIANTS = ("tiny", "flux_dev")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "tiny"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of configs/train_keyframes.py; choose one of {', '.join(VARIANTS)}")
+  c = import_config("keyframes").get_config("tiny" if variant == "tiny" else "flux_dev")
+  c.variant = variant
+
+  # The loop (cinema_jax.train.trainer); the keyframe objective's own fields (timestep sampler) are above in train.
+  c.train.task = "keyframes"  # keyframes | video (cinema_jax.train.tasks.TASKS)
+  c.train.batch_size = 256  # global samples per step, split evenly over processes and the mesh's batch axes
+  c.train.grad_accum_steps = 1  # micro-batches per step (gradients averaged); batch_size must divide by it
+  # Progressive long context: stage i trains stage_steps[i] steps on samples of stage_lengths[i] keyframe slots;
+  # the data pipeline and the compiled step switch at each boundary. Total steps = sum(stage_steps).
+  c.train.stage_steps = (4000, 2000, 1000, 500)
+  c.train.stage_lengths = (4, 8, 16, 32)
+  c.train.log_every = 50  # steps between TensorBoard writes
+  c.train.progress = True  # console progress bar (process 0)
+  c.train.peak_tflops = config_dict.placeholder(float)  # per-device peak for MFU (H100 SXM bf16 dense: 989)
+
+  # AdamW (cinema_jax.train.optimizer).
+  o = c.optimizer = ml_collections.ConfigDict()
+  o.learning_rate = 1e-5  # peak learning rate, reached at the end of warm-up
+  o.warmup_steps = 500  # linear warm-up from 0
+  o.schedule = "constant"  # after warm-up: "constant" or "cosine" (decay to learning_rate * end_factor)
+  o.decay_steps = 0  # cosine end step; 0 = the total step count
+  o.end_factor = 0.1  # cosine floor as a fraction of the peak
+  o.b1 = 0.9  # Adam first-moment decay
+  o.b2 = 0.999  # Adam second-moment decay
+  o.eps = 1e-8  # Adam epsilon
+  o.weight_decay = 0.01  # decoupled decay, matrices only
+  o.clip_norm = 1.0  # global L2 clipping of the trainable gradients; 0 = off
+  o.frozen = ()  # regexes (re.search on "a/b/kernel" paths) of parameters that get exactly zero updates
+  o.ema_decay = 0.9999  # EMA of the parameters kept in the checkpoint; 0 = none
+
+  # Orbax checkpoints in workdir/checkpoints (cinema_jax.train.checkpoint).
+  k = c.checkpoint = ml_collections.ConfigDict()
+  k.enabled = True  # write checkpoints and resume from the newest readable one
+  k.every = 500  # steps between checkpoints (the last step and preemption notices always save)
+  k.keep = 3  # newest checkpoints kept on disk
+  k.use_async = True  # write in the background while training continues
+
+  # Training data (cinema_jax.train.data).
+  d = c.data = ml_collections.ConfigDict()
+  d.source = "synthetic"  # synthetic: seeded random latents and text states | films: an ingested data set
+  d.seed = 0  # data order and contents (films: the loader's shuffle seed, plus the stage index)
+  d.root = ""  # films: the ingested data set (cinema-jax ingest ... --out DIR)
+  # films: the grain loader's settings (configs/data.py documents each); max_keyframes follows the stage length.
+  d.loader = import_config("data").get_config("default").loader
+  d.loader.caption_tokens = c.text.caption_tokens  # the loader's caption length is the model's
+
+  if variant == "tiny":
+    c.mesh.data, c.mesh.fsdp = 2, -1  # data x FSDP over the 8 (or 4) CPU devices of the tests
+    c.model.global_mask = "block_causal"
+    c.attention.implementation = "xla"
+    c.train.batch_size = 8
+    c.train.stage_steps = (3, 3)
+    c.train.stage_lengths = (2, 4)
+    c.train.log_every = 1
+    o.learning_rate = 1e-3
+    o.warmup_steps = 2
+    o.schedule = "cosine"
+    o.ema_decay = 0.9
+    k.every = 2
+    k.keep = 2
+  else:
+    c.mesh.data, c.mesh.fsdp = 1, -1  # parameters and Adam state sharded over every device
+    c.model.remat_policy = "full"  # 32 keyframes x (1100 image + 512 text) tokens: activations dominate
+  return c

@@ -1,0 +1,119 @@
+"""Launch scripts against a fake ``gcloud`` / ``cinema-jax`` on PATH: the exact command lines, in order."""
+
+import os
+import pathlib
+import shlex
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FAKE = """#!/usr/bin/env bash
+printf '%q ' "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"
+if [[ -n "${FAKE_FAIL:-}" && "$*" == *"$FAKE_FAIL"* ]]; then exit 7; fi
+"""
+POD = ["--name", "pod", "--zone", "us-central2-b", "--accelerator", "v4-16", "--project", "proj",
+       "--config", "configs/train_keyframes.py:tiny", "--workdir", "gs://bucket/run 1"]  # fmt: skip
+COMMON = ["--zone=us-central2-b", "--project=proj"]
+TRAIN = (
+  "cd ~/cinema_jax && cinema-jax train --config configs/train_keyframes.py:tiny --workdir gs://bucket/run\\ 1 "
+  "--config.train.batch_size=16 2>&1 | tee ~/train.log"
+)
+
+
+def _run(script, args, tmp_path, fail=None):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  for name in ("gcloud", "cinema-jax"):
+    (bin_dir / name).write_text(FAKE)
+    (bin_dir / name).chmod(0o755)
+  log = tmp_path / "calls.log"
+  log.write_text("")
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log))
+  if fail:
+    env["FAKE_FAIL"] = fail
+  proc = subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=tmp_path, env=env, capture_output=True,
+                        text=True)  # fmt: skip
+  calls = [shlex.split(line) for line in log.read_text().splitlines()]
+  printed = [shlex.split(line) for line in proc.stdout.splitlines()]
+  return proc, calls, printed
+
+
+def _pod_expected(install):
+  return [
+    [
+      "compute",
+      "tpus",
+      "tpu-vm",
+      "create",
+      "pod",
+      *COMMON,
+      "--accelerator-type=v4-16",
+      "--version=tpu-ubuntu2204-base",
+    ],
+    *install,
+    ["compute", "tpus", "tpu-vm", "ssh", "pod", *COMMON, "--worker=all", f"--command={TRAIN}"],
+    ["compute", "tpus", "tpu-vm", "scp", "pod:~/train.log", "./logs/", *COMMON, "--worker=0"],
+    ["compute", "tpus", "tpu-vm", "delete", "pod", *COMMON, "--quiet"],
+  ]
+
+
+def test_tpu_pod_with_local_source(tmp_path):
+  proc, calls, printed = _run(
+    "tpu_pod.sh", [*POD, "--source", "/src/cj", "--", "--config.train.batch_size=16"], tmp_path
+  )
+  assert proc.returncode == 0, proc.stderr
+  install = [
+    ["compute", "tpus", "tpu-vm", "scp", "--recurse", "/src/cj", "pod:~/cinema_jax", *COMMON, "--worker=all"],
+    ["compute", "tpus", "tpu-vm", "ssh", "pod", *COMMON, "--worker=all",
+     "--command=cd ~/cinema_jax && python3 -m pip install -e '.[tpu]'"],
+  ]  # fmt: skip
+  assert calls == _pod_expected(install)
+  assert printed == [["gcloud", *c] for c in calls]  # every command is echoed as it runs
+  assert (tmp_path / "logs").is_dir()
+
+
+def test_tpu_pod_git_clone_dry_run_runs_nothing(tmp_path):
+  args = [*POD, "--repo", "https://example.com/cj.git", "--ref", "v1", "--keep", "--dry-run", "--",
+          "--config.train.batch_size=16"]  # fmt: skip
+  proc, calls, printed = _run("tpu_pod.sh", args, tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert calls == []
+  install = [
+    ["compute", "tpus", "tpu-vm", "ssh", "pod", *COMMON, "--worker=all",
+     "--command=git clone https://example.com/cj.git ~/cinema_jax && cd ~/cinema_jax && git checkout v1 && "
+     "python3 -m pip install -e '.[tpu]'"],
+  ]  # fmt: skip
+  assert printed == [["gcloud", *c] for c in _pod_expected(install)[:-1]]  # --keep: no delete
+  assert not (tmp_path / "logs").exists()
+
+
+def test_tpu_pod_failed_training_still_fetches_logs_and_deletes(tmp_path):
+  proc, calls, _ = _run("tpu_pod.sh", [*POD, "--", "--config.train.batch_size=16"], tmp_path, fail="cinema-jax train")
+  assert proc.returncode == 7
+  assert calls[-2][3] == "scp" and calls[-1][3] == "delete"
+
+
+@pytest.mark.parametrize("missing", ["--name", "--workdir"])
+def test_tpu_pod_requires_arguments(tmp_path, missing):
+  args = list(POD)
+  i = args.index(missing)
+  del args[i : i + 2]
+  proc, calls, _ = _run("tpu_pod.sh", args, tmp_path)
+  assert proc.returncode == 2 and calls == []
+  assert f"{missing} is required" in proc.stderr
+
+
+def test_gpu_host_command_line(tmp_path):
+  args = ["--gpus", "4", "--config", "configs/train_video.py:skyreels_1p3b", "--workdir", "/runs/r1", "--",
+          "--config.train.batch_size=32"]  # fmt: skip
+  proc, calls, printed = _run("gpu_host.sh", args, tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert calls == [["train", "--config", "configs/train_video.py:skyreels_1p3b", "--workdir", "/runs/r1",
+                    "--config.train.batch_size=32"]]  # fmt: skip
+  assert printed == [[
+    "env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95",
+    "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true", "cinema-jax", *calls[0],
+  ]]  # fmt: skip
+  proc, calls, _ = _run("gpu_host.sh", ["--gpus", "0", "--config", "c", "--workdir", "w"], tmp_path)
+  assert proc.returncode == 2 and calls == [] and "--gpus must be a positive integer" in proc.stderr
