@@ -8,7 +8,7 @@ Variants (``configs/train_keyframes.py:VARIANT``):
   flux_dev  long-context tuning of flux1-dev (Captain Cinema): bf16 compute, FSDP over every device, full remat,
             keyframes per sample 4 -> 8 -> 16 -> 32; load the Flux weights first (``cinema_jax.convert.flux``).
 
-Run: ``cinema-jax train --config configs/train_keyframes.py:tiny --workdir /tmp/kf`` (resumes when run again).
+Run: ``cinema-jax train --config configs/train_keyframes.py:tiny --workdir runs/kf`` (resumes when run again).
 """
 
 import ml_collections

@@ -7,7 +7,7 @@ Variants (``configs/train_video.py:VARIANT``):
   skyreels_1p3b  SkyReels-V2-DF-1.3B-540P: bf16 compute, FSDP, dots remat, 68 x 120 latents, clips of
                  9 -> 17 -> 25 latent frames (33 -> 65 -> 97 video frames).
 
-Run: ``cinema-jax train --config configs/train_video.py:tiny --workdir /tmp/video``.
+Run: ``cinema-jax train --config configs/train_video.py:tiny --workdir runs/video``.
 """
 
 import ml_collections
