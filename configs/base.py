@@ -58,3 +58,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.attention.block_q = c.attention.block_kv = 16
   return c
+
+
+def add_training_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the ``optimizer`` and ``checkpoint`` sections every training config starts from; edit them after."""
+  # AdamW (cinema_jax.train.optimizer).
+  o = c.optimizer = ml_collections.ConfigDict()
+  o.learning_rate = 1e-5  # peak learning rate, reached at the end of warm-up
+  o.warmup_steps = 500  # linear warm-up from 0
+  o.schedule = "constant"  # after warm-up: "constant" or "cosine" (decay to learning_rate * end_factor)
+  o.decay_steps = 0  # cosine end step; 0 = the total step count
+  o.end_factor = 0.1  # cosine floor as a fraction of the peak
+  o.b1 = 0.9  # Adam first-moment decay
+  o.b2 = 0.999  # Adam second-moment decay
+  o.eps = 1e-8  # Adam epsilon
+  o.weight_decay = 0.01  # decoupled decay, matrices only
+  o.clip_norm = 1.0  # global L2 clipping of the trainable gradients; 0 = off
+  o.frozen = ()  # regexes (re.search on "a/b/kernel" paths) of parameters that get exactly zero updates
+  o.ema_decay = 0.9999  # EMA of the parameters kept in the checkpoint; 0 = none
+
+  # Orbax checkpoints in workdir/checkpoints (cinema_jax.train.checkpoint).
+  k = c.checkpoint = ml_collections.ConfigDict()
+  k.enabled = True  # write checkpoints and resume from the newest readable one
+  k.every = 500  # steps between checkpoints (the last step and preemption notices always save)
+  k.keep = 3  # newest checkpoints kept on disk
+  k.use_async = True  # write in the background while training continues
+  return c
