@@ -11,20 +11,10 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from safetensors.torch import save_file
 
 from cinema_jax.convert import skyreels
+from tests import test_video_dit
 
-TINY = dict(
-  patch_size=(1, 2, 2),
-  num_attention_heads=2,
-  attention_head_dim=16,
-  in_channels=4,
-  out_channels=4,
-  text_dim=24,
-  freq_dim=16,
-  ffn_dim=48,
-  num_layers=2,
-  inject_sample_info=True,
-  num_frame_per_block=2,
-)
+# The tiny diffusers config of the model tests, with the fps embedding and causal blocks the converter must map.
+TINY = dict(test_video_dit.TINY, inject_sample_info=True, num_frame_per_block=2)
 
 # The original Wan 2.1 / SkyReels-V2 names, written out independently of the converter's own tables.
 WAN_NAMES = [
