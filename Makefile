@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml setup.cfg
 test: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest
 
+# `make demo TRAIN=1` trains both demo models on the synthetic films instead of loading demo/*.safetensors.
 demo: $(STAMP)
-	$(BIN)/cinema-jax demo
+	$(BIN)/cinema-jax demo $(if $(filter 1 true yes,$(TRAIN)),--config.demo.train=True,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

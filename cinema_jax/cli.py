@@ -2,12 +2,14 @@
 
 Commands take ``--config configs/x.py[:variant]`` plus any number of ``--config.key.sub=value`` overrides.
 
-  cinema-jax demo   [--config configs/demo.py] [--config.a.b=v ...]   run the demo (``make demo``)
+  cinema-jax demo   [--config configs/story.py] [--config.a.b=v ...]  run the demo (``make demo``)
   cinema-jax config SPEC [--config.a.b=v ...]                         print a resolved config
   cinema-jax bench NAME [benchmark options]                           run a benchmark (cinema_jax/bench/NAME.py)
   cinema-jax synth --out DIR [--config configs/data.py[:variant]] [--num-films N] [--seed S]
   cinema-jax ingest PATHS... --out DIR [--config configs/data.py[:variant]]   one line per skipped file
   cinema-jax train --config configs/X.py:variant --workdir DIR [--config.a.b=v ...]   train (resumes from DIR)
+  cinema-jax story STORY.yaml --out DIR [--config configs/story.py] [--config.a.b=v ...]   story -> movie + report
+  cinema-jax eval VIDEO [--reference REF] [--json]                     video metrics
 """
 
 from __future__ import annotations
@@ -66,11 +68,23 @@ def _cmd_train(args, rest) -> int:
   return train_main(list(rest))
 
 
+def _cmd_story(args, rest) -> int:
+  from cinema_jax.pipelines.story import story_main
+
+  return story_main(list(rest))
+
+
+def _cmd_eval(args, rest) -> int:
+  from cinema_jax.eval.cli import main as eval_main
+
+  return eval_main(list(rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="cinema-jax", description="Story-driven long-form video diffusion in JAX.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   p = sub.add_parser("demo", help="run the demo on the embedded default (what `make demo` runs)")
-  p.add_argument("--config", default="configs/demo.py", help="config file[:variant] (default: %(default)s)")
+  p.add_argument("--config", default="configs/story.py", help="config file[:variant] (default: %(default)s)")
   p.set_defaults(run=_cmd_demo)
   p = sub.add_parser("config", help="print a config after variants and overrides")
   p.add_argument("spec", help="config file[:variant], e.g. configs/base.py:fsdp")
@@ -89,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(run=_cmd_ingest, passthrough=True)
   p = sub.add_parser("train", help="train a model: --config configs/X.py:variant --workdir DIR", add_help=False)
   p.set_defaults(run=_cmd_train, passthrough=True)
+  p = sub.add_parser("story", help="render a story file: STORY.yaml --out DIR (movie, clips, report)", add_help=False)
+  p.set_defaults(run=_cmd_story, passthrough=True)
+  p = sub.add_parser("eval", help="video metrics of VIDEO [--reference REF] [--json]", add_help=False)
+  p.set_defaults(run=_cmd_eval, passthrough=True)
   return parser
 
 

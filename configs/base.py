@@ -14,6 +14,7 @@ Check it: ``cinema-jax config configs/base.py:fsdp --config.mesh.tensor=2`` prin
 import ml_collections
 from ml_collections import config_dict
 
+from cinema_jax.config import import_config
 from cinema_jax.parallel import axes
 
 VARIANTS = ("default", "fsdp", "cpu8")
@@ -83,4 +84,44 @@ def add_training_sections(c: ml_collections.ConfigDict) -> ml_collections.Config
   k.every = 500  # steps between checkpoints (the last step and preemption notices always save)
   k.keep = 3  # newest checkpoints kept on disk
   k.use_async = True  # write in the background while training continues
+  return c
+
+
+def add_text_and_codec_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds ``text.encoder`` and ``codec`` to a model config that has ``text.caption_tokens``; both off by default."""
+  # A small text encoder trained jointly with the model (cinema_jax.models.text.TextEncoder). Disabled, the model
+  # reads precomputed text states (frozen T5 / CLIP / umT5) from its data.
+  e = c.text.encoder = ml_collections.ConfigDict()
+  e.enabled = False
+  e.tokenizer = "words"  # cinema_jax.data.text tokenizer of the captions (words | bytes)
+  e.vocab_size = 2048  # token ids (words: hash buckets + 3 special ids)
+  e.width = 64  # encoder width
+  e.depth = 2  # transformer blocks
+  e.heads = 4  # attention heads
+  # Pixels <-> latents (cinema_jax.models.codecs). "none": the data are latents already (autoencoder outside).
+  k = c.codec = ml_collections.ConfigDict()
+  k.kind = "none"  # none | pixels (the latent is the picture in [-1, 1], resized: 3 channels)
+  k.height = 0  # pixels: latent rows
+  k.width = 0  # pixels: latent cols
+  k.out_height = 0  # pixels: decoded rows (0 = the latent's; larger = bicubic upsampling)
+  k.out_width = 0  # pixels: decoded cols
+  return c
+
+
+def story_training(c: ml_collections.ConfigDict, caption_tokens: int) -> ml_collections.ConfigDict:
+  """The training settings both story demo models share (configs/train_keyframes.py and train_video.py :story)."""
+  c.mesh.data, c.mesh.fsdp = -1, 1  # data parallel over whatever devices there are (one CPU is enough)
+  c.train.log_every = 25
+  c.train.caption_dropout = 0.1
+  o, k, d = c.optimizer, c.checkpoint, c.data
+  o.learning_rate = 1e-3
+  o.warmup_steps = 100
+  o.schedule = "cosine"
+  o.ema_decay = 0.995
+  k.every = 250
+  k.keep = 2
+  d.source = "films"
+  d.root = "runs/story/data"  # where `make demo` ingests the synthetic films (configs/story.py)
+  d.loader = import_config("data").get_config("story").loader
+  d.loader.caption_tokens = caption_tokens  # the loader's caption length is the model's
   return c

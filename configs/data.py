@@ -9,6 +9,8 @@ Variants (``configs/data.py:VARIANT``):
   default  the demo's embedded data set: 8 synthetic 96 x 64 films at 12 fps (3-5 shots of 1.5-2.5 s), clips of
            8 frames at 64 x 96; on 2 CPU cores synth takes ~3 s and ingest ~5 s (38 shots, 99 clips, 10 MB).
   tiny     the tests: 64 x 48 films of 2-3 shots, clips of 6 frames at 48 x 64.
+  story    the story demo's training set: 480 default-size films, keyframes at each shot's first frame (a shot's
+           clip starts from its keyframe), clips every 4 frames, no control maps; captions as hashed words.
   film     real films (LongVie v1 data): clips of 49 frames at 8 fps and 480 x 720, 70 x 70 point grid; keyframes
            at 400 x 720 (Captain Cinema's 400-pixel short side).
 
@@ -21,7 +23,7 @@ from ml_collections import config_dict
 
 from cinema_jax.config import import_config
 
-VARIANTS = ("default", "tiny", "film")
+VARIANTS = ("default", "tiny", "story", "film")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -105,6 +107,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loader.max_keyframes = 3
     c.loader.caption_tokens = 32
     c.loader.synopsis_tokens = 64
+  elif variant == "story":
+    c.synth.num_films = 480
+    c.ingest.keyframe = "first"
+    c.ingest.clip_stride = 4  # overlapping clips: twice the training windows from the same films
+    c.ingest.depth = "none"
+    c.loader.tokenizer = "words"
+    c.loader.vocab_size = 2048
+    c.loader.caption_tokens = 40
+    c.loader.max_keyframes = 3
   elif variant == "film":
     c.synth.width, c.synth.height = 720, 480
     c.ingest.keyframe_size = (400, 720)

@@ -4,6 +4,8 @@ Variants (``configs/keyframes.py:VARIANT``):
 
   tiny        width 64, 2 double + 2 single blocks, 8 x 8-token frames, float32: tests and the CPU benchmark
               (``cinema-jax bench keyframes`` runs it; well under 3 minutes on 2 CPU cores).
+  story       the demo's keyframe model: width 128, 2 + 2 blocks, 64 x 96-pixel keyframes through the pixel codec
+              (half size: 8 x 12 tokens of 4 x 4 pixels), its own small text encoder trained with it, CFG.
   flux_dev    flux1-dev exactly (19 double + 38 single blocks, width 3072, 24 heads, guidance embedding): load
               ``flux1-dev.safetensors`` with ``cinema_jax.convert.flux.from_bfl(path, config)``; bf16 compute.
   flux_2p56b  the Flux architecture at width 3072 with 4 double + 8 single blocks (2.56 B parameters), the
@@ -17,7 +19,7 @@ from ml_collections import config_dict
 
 from cinema_jax.config import import_config
 
-VARIANTS = ("tiny", "flux_dev", "flux_2p56b")
+VARIANTS = ("tiny", "story", "flux_dev", "flux_2p56b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -57,6 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.frame.width = 44  # tokens per row (16:9)
   c.text = ml_collections.ConfigDict()
   c.text.caption_tokens = 512  # text tokens per keyframe caption (T5 length)
+  # text.encoder (a small jointly trained text encoder) and codec (pixels <-> latents), off by default.
+  import_config("base").add_text_and_codec_sections(c)
 
   # GoldenMem: how earlier keyframes condition the next one.
   c.goldenmem = ml_collections.ConfigDict()
@@ -98,6 +102,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.frame.height = c.frame.width = 8  # pyramid 8, 4, 3, 1, 1 (then 0: five memory slots)
     c.text.caption_tokens = 4
     c.sampling.num_steps = 4
+  elif variant == "story":
+    c.dtype = "float32"
+    c.model.update(
+      in_channels=48,  # 3 colour channels x 4 x 4 pixels (fewer values than the width: see models/codecs.py)
+      out_channels=48,
+      vec_in_dim=64,
+      context_in_dim=64,
+      hidden_size=128,
+      num_heads=4,  # D = 32
+      depth=2,
+      depth_single_blocks=2,
+      axes_dim=(8, 12, 12),
+      guidance_embed=False,
+    )
+    c.latent.channels, c.latent.patch = 3, 4
+    c.frame.height, c.frame.width = 8, 12  # 32 x 48 latent pixels, decoded to 64 x 96
+    c.text.caption_tokens = 40  # the synthetic captions take at most 35 words and marks, + BOS and EOS
+    c.text.encoder.enabled = True
+    c.codec.kind, c.codec.height, c.codec.width = "pixels", 32, 48
+    c.codec.out_height, c.codec.out_width = 64, 96
+    c.goldenmem.max_memory = 3  # the keyframe model trains on samples of up to 3 keyframes
+    c.sampling.num_steps = 24
+    c.sampling.cfg_scale = 3.0  # the model is trained with caption dropout (train.caption_dropout)
   elif variant == "flux_2p56b":
     c.model.depth = 4
     c.model.depth_single_blocks = 8

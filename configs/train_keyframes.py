@@ -5,6 +5,9 @@ Variants (``configs/train_keyframes.py:VARIANT``):
   tiny      the tiny MM-DiT (width 64, 2 + 2 blocks, 8 x 8-token frames) on synthetic latents, 8 samples per step,
             stages of 2 then 4 keyframes per sample, float32, a checkpoint every 2 steps: the tests and the CPU
             benchmark (a few seconds per stage on 2 CPU cores).
+  story     the demo's keyframe model (configs/keyframes.py:story) on the ingested synthetic films
+            (configs/data.py:story): pixels through the pixel codec, captions through its own text encoder,
+            samples of 1 -> 3 keyframes; the shipped demo checkpoint comes from this variant (demo/README.md).
   flux_dev  long-context tuning of flux1-dev (Captain Cinema): bf16 compute, FSDP over every device, full remat,
             keyframes per sample 4 -> 8 -> 16 -> 32; load the Flux weights first (``cinema_jax.convert.flux``).
 
@@ -16,14 +19,14 @@ from ml_collections import config_dict
 
 from cinema_jax.config import import_config
 
-VARIANTS = ("tiny", "flux_dev")
+VARIANTS = ("tiny", "story", "flux_dev")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "tiny"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of configs/train_keyframes.py; choose one of {', '.join(VARIANTS)}")
-  c = import_config("keyframes").get_config("tiny" if variant == "tiny" else "flux_dev")
+  c = import_config("keyframes").get_config("flux_dev" if variant == "flux_dev" else variant)
   c.variant = variant
 
   # The loop (cinema_jax.train.trainer); the keyframe objective's own fields (timestep sampler) are above in train.
@@ -37,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every = 50  # steps between TensorBoard writes
   c.train.progress = True  # console progress bar (process 0)
   c.train.peak_tflops = config_dict.placeholder(float)  # per-device peak for MFU (H100 SXM bf16 dense: 989)
+  c.train.caption_dropout = 0.0  # probability that a keyframe's caption is zeroed (trains the CFG unconditional)
 
   # AdamW (cinema_jax.train.optimizer) and orbax checkpoints: the shared sections of configs/base.py.
   import_config("base").add_training_sections(c)
@@ -50,6 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.source = "synthetic"  # synthetic: seeded random latents and text states | films: an ingested data set
   d.seed = 0  # data order and contents (films: the loader's shuffle seed, plus the stage index)
   d.root = ""  # films: the ingested data set (cinema-jax ingest ... --out DIR)
+  # films, models without text.encoder: a store of precomputed caption states (cinema_jax.data.embeddings); "" = a
+  # fixed seeded stand-in table.
+  d.text_embeddings = ""
   # films: the grain loader's settings (configs/data.py documents each); max_keyframes follows the stage length.
   d.loader = import_config("data").get_config("default").loader
   d.loader.caption_tokens = c.text.caption_tokens  # the loader's caption length is the model's
@@ -68,6 +75,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.ema_decay = 0.9
     k.every = 2
     k.keep = 2
+  elif variant == "story":
+    import_config("base").story_training(c, c.text.caption_tokens)
+    c.train.batch_size = 16
+    c.train.stage_steps = (3500, 1000)
+    c.train.stage_lengths = (1, 3)
   else:
     c.mesh.data, c.mesh.fsdp = 1, -1  # parameters and Adam state sharded over every device
     c.model.remat_policy = "full"  # 32 keyframes x (1100 image + 512 text) tokens: activations dominate

@@ -4,6 +4,8 @@ Variants (``configs/train_video.py:VARIANT``):
 
   tiny           the tiny video DiT on synthetic 8 x 8 latents, 8 clips per step, stages of 2 then 4 latent frames,
                  float32: tests and the CPU benchmark.
+  story          the demo's clip model (configs/video.py:story) on clips of the ingested synthetic films
+                 (configs/data.py:story): 8 frames at 64 x 96 pixels, captions through its own text encoder.
   skyreels_1p3b  SkyReels-V2-DF-1.3B-540P: bf16 compute, FSDP, dots remat, 68 x 120 latents, clips of
                  9 -> 17 -> 25 latent frames (33 -> 65 -> 97 video frames).
 
@@ -15,7 +17,7 @@ from ml_collections import config_dict
 
 from cinema_jax.config import import_config
 
-VARIANTS = ("tiny", "skyreels_1p3b")
+VARIANTS = ("tiny", "story", "skyreels_1p3b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.log_every = 50  # steps between TensorBoard writes
   t.progress = True  # console progress bar (process 0)
   t.peak_tflops = config_dict.placeholder(float)  # per-device peak for MFU (H100 SXM bf16 dense: 989)
+  t.caption_dropout = 0.0  # probability that a clip's caption is zeroed (trains the CFG unconditional)
 
   # AdamW (cinema_jax.train.optimizer) and orbax checkpoints: the shared sections of configs/base.py.
   import_config("base").add_training_sections(c)
@@ -47,8 +50,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Training data (cinema_jax.train.data).
   d = c.data = ml_collections.ConfigDict()
-  d.source = "synthetic"  # synthetic: seeded smooth random latent clips and text states
-  d.seed = 0  # data order and contents
+  d.source = "synthetic"  # synthetic: seeded smooth random latent clips and text states | films: ingested clips
+  d.seed = 0  # data order and contents (films: the loader's shuffle seed, plus the stage index)
+  d.root = ""  # films: the ingested data set (cinema-jax ingest ... --out DIR)
+  # films, models without text.encoder: a store of precomputed caption states (cinema_jax.data.embeddings); "" = a
+  # fixed seeded stand-in table.
+  d.text_embeddings = ""
+  # films: the grain loader's settings (configs/data.py documents each); clips longer than the stage are cut.
+  d.loader = import_config("data").get_config("default").loader
+  d.loader.caption_tokens = c.sampling.text_len  # the loader's caption length is the model's
 
   if variant == "tiny":
     c.mesh.data, c.mesh.fsdp = 2, -1
@@ -62,6 +72,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.ema_decay = 0.9
     k.every = 2
     k.keep = 2
+  elif variant == "story":
+    import_config("base").story_training(c, c.sampling.text_len)
+    t.batch_size = 8
+    t.stage_steps = (1500,)
+    t.stage_lengths = (8,)
   else:
     c.mesh.data, c.mesh.fsdp = 1, -1
     c.model.remat = "dots"

@@ -3,6 +3,9 @@
 Variants (``configs/video.py:VARIANT``):
 
   tiny           a few-layer model on 8 x 8 latents: tests, the rollout benchmark, CPU runs (seconds per window).
+  story          the demo's clip model: width 128, 4 layers, 64 x 96-pixel frames through the pixel codec (half
+                 size, 4 x 4 pixels per token), its own small text encoder, windows of 8 frames with 2 carried over,
+                 the shot's keyframe as the first window's image prefix.
   skyreels_1p3b  SkyReels-V2-DF-1.3B-540P: width 1536, 12 heads x 128, 30 layers, FFN 8960, fps embedding;
                  25 latent frames x 68 x 120 latents (97 video frames, 544 x 960), 30 UniPC steps, shift 8.
   skyreels_14b   SkyReels-V2-DF-14B-540P: width 5120, 40 heads x 128, 40 layers, FFN 13824, no fps embedding.
@@ -17,7 +20,7 @@ import ml_collections
 
 from cinema_jax.config import import_config
 
-VARIANTS = ("tiny", "skyreels_1p3b", "skyreels_14b")
+VARIANTS = ("tiny", "story", "skyreels_1p3b", "skyreels_14b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -63,6 +66,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   s.text_len = 512  # text tokens per prompt (umT5 padded length)
   s.fps = 24  # frame rate told to the model through the fps embedding (16 -> class 0, otherwise class 1)
 
+  # Text: precomputed states (umT5) by default, or a small encoder trained with the model (models/text.py).
+  c.text = ml_collections.ConfigDict()
+  c.text.caption_tokens = s.text_len  # tokens per caption (must equal sampling.text_len)
+  # text.encoder (a small jointly trained text encoder) and codec (pixels <-> latents), off by default.
+  import_config("base").add_text_and_codec_sections(c)
+
   # Diffusion-forcing training noise (cinema_jax.diffusion.forcing.sample_noise_levels / flow_matching_loss).
   t = c.training = ml_collections.ConfigDict()
   t.noise_mode = "non_decreasing"  # synchronous | independent | non_decreasing (earlier frames never noisier)
@@ -82,8 +91,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.latent_height = s.latent_width = 8
     s.text_len = 8
     s.guidance_scale = 3.0
+  elif variant == "story":
+    c.dtype = "float32"
+    m.width, m.heads, m.depth, m.ffn_dim = 128, 4, 4, 512
+    m.in_channels = m.out_channels = 3
+    m.patch_size = (1, 4, 4)
+    m.text_dim, m.freq_dim = 64, 64
+    m.fps_embedding = False
+    s.num_steps, s.shift, s.guidance_scale = 12, 3.0, 3.0
+    s.addnoise_condition = 0.0  # trained with a clean prefix frame (training.num_prefix_frames)
+    s.base_num_frames, s.overlap_history = 8, 2
+    s.latent_height, s.latent_width = 32, 48  # the picture at half size (models/codecs.py says why)
+    s.text_len = c.text.caption_tokens = 40
+    s.fps = 12
+    c.text.encoder.enabled = True
+    c.codec.kind, c.codec.height, c.codec.width = "pixels", 32, 48
+    c.codec.out_height, c.codec.out_width = 64, 96
+    t.num_prefix_frames = 1  # the first frame clean: the shot's keyframe (or the carried frames) leads the clip
   elif variant == "skyreels_14b":
     m.width, m.heads, m.depth, m.ffn_dim = 5120, 40, 40, 13824
     m.fps_embedding = False
     m.remat = "full"
+  c.text.caption_tokens = s.text_len
   return c

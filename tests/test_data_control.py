@@ -239,5 +239,8 @@ def test_degrade_probability():
 
 def test_estimator_registry():
   assert isinstance(control.get_depth_estimator("none"), control.NoDepth)
+  # Ingest passes its metric flag to whichever estimator the config names; those without the option ignore it.
+  assert isinstance(control.get_depth_estimator("none", metric=True), control.NoDepth)
+  assert control.get_depth_estimator("precomputed", metric=True).metric is True
   with pytest.raises(KeyError, match="unknown depth estimator 'midas'"):
     control.get_depth_estimator("midas")

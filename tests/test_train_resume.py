@@ -102,3 +102,26 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_exact(tmp_path):
   assert len(leaves_a) == len(leaves_b) > 10
   for x, y in zip(leaves_a, leaves_b, strict=True):  # params, Adam moments, EMA, step: bit for bit
     np.testing.assert_array_equal(jax.device_get(x), jax.device_get(y))
+
+
+def test_sigterm_saves_the_current_step_and_stops(tmp_path):
+  # SIGTERM (a preempted VM's notice) mid-run: the run checkpoints the step it is at, exits with status 3, and a
+  # second run resumes from exactly that step to the end.
+  env = _env(tmp_path / "cache")
+  workdir = tmp_path / "terminated"
+  proc = _start(workdir, env)
+  deadline = time.monotonic() + 300
+  while not any(s >= 3 for s in _saved_steps(workdir)):
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 3, out
+  stopped = max(_saved_steps(workdir))
+  assert f"preemption notice: saved step {stopped} and stopped" in out and 3 <= stopped < TOTAL
+  resumed = _start(workdir, env)
+  out, _ = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, out
+  assert f"resuming from the checkpoint at step {stopped}" in out
+  assert max(_saved_steps(workdir)) == TOTAL

@@ -179,9 +179,12 @@ DEPTH_ESTIMATORS = {"auto": AutoDepth, "synthetic": SyntheticDepth, "precomputed
 
 
 def get_depth_estimator(name: str, **options) -> DepthEstimator:
+  """The estimator ``name``; options it has no field for (``metric`` of a synthetic or absent depth) are ignored."""
   if name not in DEPTH_ESTIMATORS:
     raise KeyError(f"unknown depth estimator {name!r}; choose one of {', '.join(DEPTH_ESTIMATORS)}")
-  return DEPTH_ESTIMATORS[name](**options)
+  cls = DEPTH_ESTIMATORS[name]
+  accepted = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in options.items() if k in accepted})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -82,7 +82,9 @@ def area_resize(x: np.ndarray, height: int, width: int) -> np.ndarray:  # [Hl, W
     raise ValueError(f"area_resize expects a latent [H, W, C], got shape {x.shape}")
   wh = area_weights(x.shape[0], height)
   ww = area_weights(x.shape[1], width)
-  y = np.einsum("ih,hwc,jw->ijc", wh, np.asarray(x, np.float64), ww)  # [height, width, c]
+  # Rows, then columns: two small contractions (one three-operand einsum would loop over every index at once).
+  y = np.einsum("ih,hwc->iwc", wh, np.asarray(x, np.float64))  # [height, w, c]
+  y = np.einsum("iwc,jw->ijc", y, ww)  # [height, width, c]
   return y.astype(x.dtype)
 
 

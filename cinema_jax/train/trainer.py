@@ -5,14 +5,18 @@ either restored from the newest readable checkpoint in ``workdir/checkpoints`` (
 sharded; then, stage by stage (``train.stage_steps`` x ``train.stage_lengths``), a grain dataset of that stage's
 length and a step compiled for its shapes. Every step: the global batch from the per-process parts, the jitted
 donated step, metrics checked for NaN / inf, TensorBoard scalars and the progress bar from process 0, a checkpoint
-on the interval or at a preemption notice.
+on the interval or at a preemption notice (jax's preemption service across processes; SIGTERM in a single-process
+run, see ``TerminationNotice``). A finished run also writes its sampling parameters (the EMA, else the
+parameters) to ``workdir/params.safetensors`` (``cinema_jax.train.export``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -22,12 +26,38 @@ import tqdm
 
 from cinema_jax.data.loader import global_batch
 from cinema_jax.parallel import make_mesh, mesh_context
+from cinema_jax.train import export, tasks
 from cinema_jax.train import metrics as metrics_lib
-from cinema_jax.train import tasks
 from cinema_jax.train.checkpoint import Checkpointer
 from cinema_jax.train.data import StageData
 from cinema_jax.train.state import build_state
 from cinema_jax.train.step import batch_shardings, jit_step
+
+
+class TerminationNotice:
+  """SIGTERM (what a preempted VM or a job scheduler sends first) as a preemption notice for a single-process run.
+
+  While active, SIGTERM sets ``requested`` instead of killing the process, so the loop saves the current step and
+  stops cleanly. Multi-process runs leave signals to jax's preemption service, which orbax's
+  ``reached_preemption`` reads on every process at the same step (one process stopping alone would hang the rest).
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._notice)
+    return self
+
+  def _notice(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
 
 
 @dataclasses.dataclass
@@ -89,6 +119,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, task=None, device
   history: list[dict] = []
   preempted = False
   bar = tqdm.tqdm(total=total, initial=start, desc="train", disable=not (primary and config.train.progress))
+  notice = TerminationNotice()
+  notice.__enter__()
   try:
     for index, (first, end, length) in enumerate(plan):
       if start >= end:
@@ -125,18 +157,31 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, task=None, device
           if ckpt is not None:
             done = step + 1
             position = {"stage": index, "iterator": data.get_state()}
-            ckpt.save(done, state, position, config_json, force=done == total)
-            if done < total and ckpt.reached_preemption(done):
-              ckpt.save(done, state, position, config_json, force=True)
+            saved = ckpt.save(done, state, position, config_json, force=done == total)
+            if done < total and (notice.requested or ckpt.reached_preemption(done)):
+              if not saved:  # on the interval (or saved by orbax at its own notice) the step is written already
+                ckpt.save(done, state, position, config_json, force=True)
               ckpt.wait()
               preempted = True
               if primary:
                 print(f"preemption notice: saved step {done} and stopped", file=sys.stderr, flush=True)
               return TrainResult(state, history, done, True, resumed_from)
+          elif notice.requested and step + 1 < total:  # nothing to save to: stop at once
+            if primary:
+              print(f"termination notice: stopped after step {step + 1} (checkpoints are off)", file=sys.stderr)
+            return TrainResult(state, history, step + 1, True, resumed_from)
     if primary:
       print(f"trained {total} steps ({num_params:,} parameters) in {workdir}", file=sys.stderr, flush=True)
+    if jax.process_count() == 1:  # multi-process runs: export_from_workdir reads the final checkpoint instead
+      source = "ema" if state.ema is not None else "params"
+      path = export.export_params(
+        jax.device_get(getattr(state, source)), workdir / export.FILENAME, config_json=config_json, step=total,
+        source=source,
+      )  # fmt: skip
+      print(f"sampling parameters ({source}) written to {path}", file=sys.stderr, flush=True)
     return TrainResult(state, history, total, preempted, resumed_from)
   finally:
+    notice.__exit__(None, None, None)
     bar.close()
     writer.close()
     if ckpt is not None:

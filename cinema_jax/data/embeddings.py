@@ -1,0 +1,104 @@
+"""Precomputed text embeddings: what frozen text encoders (T5, CLIP, umT5) give, computed once and read by caption.
+
+Legend: N captions, T tokens, C_txt token-state width, C_vec pooled width.
+
+Real systems keep their text encoders frozen, so their states are computed once per caption and stored beside the
+data set rather than recomputed every step. A store is one safetensors file: ``states`` [N, T, C_txt] (zero at
+padding), ``mask`` [N, T], optionally ``pooled`` [N, C_vec], and the N caption strings (JSON, in order) in the
+file's metadata. ``TextEmbeddings.lookup(captions)`` returns the rows of the given captions (exact strings; the
+empty caption of a padded keyframe slot gives zeros); a caption the store does not hold is an error naming it. The
+training loaders (``data.text_embeddings``) and the story pipeline (``keyframes.text_embeddings``,
+``video.text_embeddings``) read text this way when a model has no text encoder of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+FORMAT = "cinema_jax.text_embeddings.v1"
+
+
+class EmbeddingsError(ValueError):
+  """A store that cannot be read, or a caption it does not hold."""
+
+
+def write_text_embeddings(
+  path: str | os.PathLike,
+  captions: Sequence[str],
+  states: np.ndarray,
+  mask: np.ndarray,
+  pooled: np.ndarray | None = None,
+) -> pathlib.Path:
+  """Writes a store (under a temporary name, then renamed); rows follow ``captions``, which must be distinct."""
+  from safetensors.numpy import save_file
+
+  captions = [str(c) for c in captions]
+  n = len(captions)
+  if len(set(captions)) != n:
+    raise EmbeddingsError("captions of a text-embedding store must be distinct")
+  states, mask = np.asarray(states, np.float32), np.asarray(mask, bool)
+  if states.ndim != 3 or states.shape[0] != n or mask.shape != states.shape[:2]:
+    raise EmbeddingsError(f"need states [N={n}, T, C] and mask [N, T]; got {states.shape} and {mask.shape}")
+  tensors = {"states": states * mask[..., None], "mask": mask.astype(np.uint8)}
+  if pooled is not None:
+    pooled = np.asarray(pooled, np.float32)
+    if pooled.ndim != 2 or pooled.shape[0] != n:
+      raise EmbeddingsError(f"need pooled [N={n}, C]; got {pooled.shape}")
+    tensors["pooled"] = pooled
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.partial")
+  save_file(tensors, str(tmp), metadata={"format": FORMAT, "captions": json.dumps(captions)})
+  os.replace(tmp, path)
+  return path
+
+
+class TextEmbeddings:
+  """A store read into memory; ``lookup`` maps captions to their rows."""
+
+  def __init__(self, captions: Sequence[str], states: np.ndarray, mask: np.ndarray, pooled: np.ndarray | None):
+    self.states, self.mask, self.pooled = states, mask, pooled
+    self.index = {c: i for i, c in enumerate(captions)}
+    self.source = "memory"
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> TextEmbeddings:
+    from safetensors import SafetensorError, safe_open
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise EmbeddingsError(f"text-embedding store {path} does not exist")
+    try:
+      with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    except (SafetensorError, OSError, ValueError) as e:
+      raise EmbeddingsError(f"text-embedding store {path} is not a readable safetensors file: {e}") from e
+    if meta.get("format") != FORMAT or "states" not in tensors or "mask" not in tensors:
+      raise EmbeddingsError(f"{path} is not a {FORMAT} store (format {meta.get('format')!r})")
+    store = cls(json.loads(meta["captions"]), tensors["states"], tensors["mask"].astype(bool), tensors.get("pooled"))
+    store.source = str(path)
+    return store
+
+  @property
+  def tokens(self) -> int:
+    return self.states.shape[1]
+
+  def lookup(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(states [n, T, C_txt], mask [n, T], pooled [n, C_vec] or None) of ``captions``; "" gives zeros."""
+    missing = [c for c in captions if c and c not in self.index]
+    if missing:
+      more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+      raise EmbeddingsError(f"text-embedding store {self.source} has no caption {missing[0]!r}{more}")
+    rows = np.array([self.index.get(c, -1) for c in captions], np.int64)
+    keep = rows >= 0
+    states = np.where(keep[:, None, None], self.states[np.maximum(rows, 0)], 0.0).astype(np.float32)
+    mask = self.mask[np.maximum(rows, 0)] & keep[:, None]
+    pooled = None
+    if self.pooled is not None:
+      pooled = np.where(keep[:, None], self.pooled[np.maximum(rows, 0)], 0.0).astype(np.float32)
+    return states, mask, pooled

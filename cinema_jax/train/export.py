@@ -1,0 +1,101 @@
+"""Trained parameters as one safetensors file: what sampling, the story pipeline and the shipped demo load.
+
+A checkpoint holds the whole train state (Adam moments, EMA, data position); sampling needs only the parameters,
+preferably their exponential moving average. ``export_params`` writes them flat (keys are the parameter paths joined
+with "/", e.g. ``text/block_0/qkv/kernel``) in float32 with the config as JSON in the file's metadata, under a
+temporary name renamed into place. ``load_params`` reads them back as the nested dict the modules take.
+``train_and_evaluate`` exports ``WORKDIR/params.safetensors`` at the end of a run; ``export_from_workdir`` does the
+same from the newest checkpoint of any run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+FORMAT = "cinema_jax.params.v1"
+FILENAME = "params.safetensors"
+
+
+class ParamsFileError(ValueError):
+  """A parameter file that is missing, unreadable or not one of ours."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flatten(value, name + "/"))
+    else:
+      out[name] = np.ascontiguousarray(np.asarray(value, np.float32))
+  return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+  tree: dict = {}
+  for name, value in flat.items():
+    node = tree
+    *parents, leaf = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def export_params(params: Any, path: str | os.PathLike, *, config_json: str, step: int, source: str) -> pathlib.Path:
+  """Writes ``params`` (a nested dict of arrays) to ``path`` atomically; returns the path."""
+  from safetensors.numpy import save_file
+
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  metadata = {"format": FORMAT, "config": config_json, "step": str(int(step)), "source": source}
+  tmp = path.with_name(f".{path.name}.partial")
+  save_file(_flatten(params), str(tmp), metadata=metadata)
+  os.replace(tmp, path)
+  return path
+
+
+def load_params(path: str | os.PathLike) -> tuple[dict, dict]:
+  """(params, metadata) of a file written by ``export_params``; metadata["config"] is the config as a dict."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ParamsFileError(f"parameter file {path} does not exist")
+  try:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+      metadata = dict(f.metadata() or {})
+    flat = load_file(str(path))
+  except (SafetensorError, OSError, ValueError) as e:
+    raise ParamsFileError(f"parameter file {path} is not a readable safetensors file: {e}") from e
+  if metadata.get("format") != FORMAT:
+    raise ParamsFileError(f"parameter file {path} is not a {FORMAT} export (format {metadata.get('format')!r})")
+  try:
+    metadata["config"] = json.loads(metadata.get("config", "{}"))
+  except json.JSONDecodeError as e:
+    raise ParamsFileError(f"parameter file {path} has a corrupt config in its metadata: {e}") from e
+  return _unflatten(flat), metadata
+
+
+def export_from_workdir(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> pathlib.Path:
+  """Exports the EMA (else the parameters) of the newest checkpoint in ``workdir/checkpoints``."""
+  import orbax.checkpoint as ocp
+
+  workdir = pathlib.Path(workdir)
+  root = (workdir / "checkpoints").absolute()
+  steps = sorted((int(p.name) for p in root.glob("[0-9]*") if (p / "state").is_dir()), reverse=True)
+  if not steps:
+    raise ParamsFileError(f"no checkpoint in {root} to export")
+  step = steps[0]
+  state = ocp.StandardCheckpointer().restore(root / str(step) / "state")
+  config_json = (root / str(step) / "config" / "metadata").read_text(encoding="utf-8")
+  source = "ema" if state.get("ema") is not None else "params"
+  return export_params(state[source], out or workdir / FILENAME, config_json=config_json, step=step, source=source)
