@@ -8,6 +8,7 @@ Commands take ``--config configs/x.py[:variant]`` plus any number of ``--config.
   cinema-jax synth --out DIR [--config configs/data.py[:variant]] [--num-films N] [--seed S]
   cinema-jax ingest PATHS... --out DIR [--config configs/data.py[:variant]]   one line per skipped file
   cinema-jax train --config configs/X.py:variant --workdir DIR [--config.a.b=v ...]   train (resumes from DIR)
+  cinema-jax export WORKDIR [--out FILE]                              params.safetensors of a run's checkpoint
   cinema-jax story STORY.yaml --out DIR [--config configs/story.py] [--config.a.b=v ...]   story -> movie + report
   cinema-jax eval VIDEO [--reference REF] [--json]                     video metrics
 """
@@ -68,6 +69,12 @@ def _cmd_train(args, rest) -> int:
   return train_main(list(rest))
 
 
+def _cmd_export(args, rest) -> int:
+  from cinema_jax.train.cli import export_main
+
+  return export_main(list(rest))
+
+
 def _cmd_story(args, rest) -> int:
   from cinema_jax.pipelines.story import story_main
 
@@ -103,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(run=_cmd_ingest, passthrough=True)
   p = sub.add_parser("train", help="train a model: --config configs/X.py:variant --workdir DIR", add_help=False)
   p.set_defaults(run=_cmd_train, passthrough=True)
+  p = sub.add_parser("export", help="sampling parameters of a training run: WORKDIR [--out FILE]", add_help=False)
+  p.set_defaults(run=_cmd_export, passthrough=True)
   p = sub.add_parser("story", help="render a story file: STORY.yaml --out DIR (movie, clips, report)", add_help=False)
   p.set_defaults(run=_cmd_story, passthrough=True)
   p = sub.add_parser("eval", help="video metrics of VIDEO [--reference REF] [--json]", add_help=False)

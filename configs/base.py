@@ -103,7 +103,7 @@ def add_text_and_codec_sections(c: ml_collections.ConfigDict) -> ml_collections.
   k.kind = "none"  # none | pixels (the latent is the picture in [-1, 1], resized: 3 channels)
   k.height = 0  # pixels: latent rows
   k.width = 0  # pixels: latent cols
-  k.out_height = 0  # pixels: decoded rows (0 = the latent's; larger = bicubic upsampling)
+  k.out_height = 0  # pixels: decoded rows (0 = the latent's; larger = bicubic upsampling, the intended use)
   k.out_width = 0  # pixels: decoded cols
   return c
 

@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.goldenmem = ml_collections.ConfigDict()
   c.goldenmem.enabled = True  # False: every chosen frame at full size (no pyramid)
   c.goldenmem.max_memory = 7  # memory slots; with base side 25 the pyramid is 25, 15, 9, 5, 3, 2, 1
+  c.goldenmem.pyramid = True  # older slots on the Fibonacci pyramid; False: every chosen slot at full size
   c.goldenmem.selection = "recency"  # "recency" | "similarity" (caption-embedding cosine similarity)
   c.goldenmem.keep_latest = True  # with similarity: the newest keyframe always takes the full-size slot
   c.goldenmem.frame_position = "slot"  # RoPE frame index of a slot: "slot" (0..S) | "story" (its keyframe number)
@@ -122,7 +123,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text.encoder.enabled = True
     c.codec.kind, c.codec.height, c.codec.width = "pixels", 32, 48
     c.codec.out_height, c.codec.out_width = 64, 96
-    c.goldenmem.max_memory = 3  # the keyframe model trains on samples of up to 3 keyframes
+    # Trained on samples of up to 3 full-size keyframes (2 memory + the new one), so it samples the same way: the 2
+    # slots GoldenMem chooses (recency or caption similarity), at full size.
+    c.goldenmem.max_memory, c.goldenmem.pyramid = 2, False
     c.sampling.num_steps = 24
     c.sampling.cfg_scale = 3.0  # the model is trained with caption dropout (train.caption_dropout)
   elif variant == "flux_2p56b":

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Rendering.
   r = c.render = ml_collections.ConfigDict()
-  r.fps = 12.0  # frame rate of the clips and the movie (the clip model's training rate)
+  r.fps = 0.0  # frame rate of the clips and the movie; 0 = the clip model's own (video sampling.fps, 12)
   r.min_shot_frames = 16  # shortest shot; >= PySceneDetect's min_scene_len (15), so every cut stays detectable
   r.seed = 0  # shot k without its own seed uses seed + k (keyframe noise and clip noise)
   r.memory = "recency"  # GoldenMem slot choice: recency | similarity (caption-embedding cosine)

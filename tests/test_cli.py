@@ -23,7 +23,7 @@ def test_unrecognised_arguments_are_rejected():
 
 def test_every_subcommand_is_wired(capsys):
   # Each passthrough command reaches its own parser: --help exits 0 and names the command.
-  for command in ("synth", "ingest", "train", "story", "eval"):
+  for command in ("synth", "ingest", "train", "export", "story", "eval"):
     with pytest.raises(SystemExit) as e:
       cli.main([command, "--help"])
     assert e.value.code == 0

@@ -147,3 +147,33 @@ def test_text_embedding_store_round_trip_and_errors(tmp_path):
   (tmp_path / "junk.safetensors").write_bytes(b"junk")
   with pytest.raises(EmbeddingsError, match="not a readable safetensors file"):
     TextEmbeddings.load(tmp_path / "junk.safetensors")
+
+
+def test_caption_dropout_drops_whole_captions():
+  # At rate 0.5 each keyframe slot is dropped or kept as a whole: its T token states and its pooled vector together.
+  config = load_config("configs/train_keyframes.py:story", [*KEYFRAME_TOY, "--config.train.caption_dropout=0.5"])
+  task = tasks.make_task(config)
+  tok = get_tokenizer("words", vocab_size=2048)
+  ids, mask = tok(["Ada waits."] * 8, 40)
+  batch = {"caption_ids": ids.reshape(2, 4, 40), "caption_mask": mask.reshape(2, 4, 40)}
+  params = {"text": nn.meta.unbox(task.text.init(jax.random.key(0), ids, mask)["params"])}
+  txt, y = task.encode_text(params, batch, jax.random.key(3))
+  txt = np.asarray(txt).reshape(2, 4, 40, -1)
+  token_dropped = np.all(txt == 0, axis=(2, 3))  # [b, k]
+  pooled_dropped = np.all(np.asarray(y) == 0, axis=-1)
+  np.testing.assert_array_equal(token_dropped, pooled_dropped)
+  assert 0 < token_dropped.sum() < 8  # some slots dropped, some kept
+
+  vconfig = load_config(
+    "configs/train_video.py:story",
+    ["--config.model.width=32", "--config.model.heads=2", "--config.model.depth=1", "--config.model.ffn_dim=64",
+     "--config.text.encoder.width=16", "--config.text.encoder.depth=1", "--config.text.encoder.heads=2",
+     "--config.train.caption_dropout=0.5"],
+  )  # fmt: skip
+  vtask = tasks.make_task(vconfig)
+  vparams = {"text": nn.meta.unbox(vtask.text.init(jax.random.key(0), ids, mask)["params"])}
+  context = np.asarray(vtask.encode_text(vparams, {"caption_ids": ids, "caption_mask": mask}, jax.random.key(3)))
+  dropped = np.all(context == 0, axis=(1, 2))
+  assert 0 < dropped.sum() < 8
+  kept = context[~dropped]
+  assert np.all(np.abs(kept).sum(axis=(1, 2)) > 0)

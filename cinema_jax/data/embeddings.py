@@ -80,7 +80,23 @@ class TextEmbeddings:
       raise EmbeddingsError(f"text-embedding store {path} is not a readable safetensors file: {e}") from e
     if meta.get("format") != FORMAT or "states" not in tensors or "mask" not in tensors:
       raise EmbeddingsError(f"{path} is not a {FORMAT} store (format {meta.get('format')!r})")
-    store = cls(json.loads(meta["captions"]), tensors["states"], tensors["mask"].astype(bool), tensors.get("pooled"))
+    try:
+      captions = json.loads(meta["captions"])
+    except (KeyError, json.JSONDecodeError) as e:
+      raise EmbeddingsError(f"text-embedding store {path} has no readable caption list in its metadata") from e
+    states, mask, pooled = tensors["states"], tensors["mask"].astype(bool), tensors.get("pooled")
+    n = len(captions)
+    if (
+      states.ndim != 3
+      or states.shape[0] != n
+      or mask.shape != states.shape[:2]
+      or (pooled is not None and (pooled.ndim != 2 or pooled.shape[0] != n))
+    ):
+      raise EmbeddingsError(
+        f"text-embedding store {path} is inconsistent: {n} captions, states {states.shape}, mask {mask.shape}, "
+        f"pooled {None if pooled is None else pooled.shape}"
+      )
+    store = cls(captions, states, mask, pooled)
     store.source = str(path)
     return store
 
@@ -96,6 +112,10 @@ class TextEmbeddings:
       raise EmbeddingsError(f"text-embedding store {self.source} has no caption {missing[0]!r}{more}")
     rows = np.array([self.index.get(c, -1) for c in captions], np.int64)
     keep = rows >= 0
+    if not len(self.index):  # an empty store: only padded slots can be asked for
+      t, width = self.states.shape[1:]
+      pooled = None if self.pooled is None else np.zeros((len(rows), self.pooled.shape[1]), np.float32)
+      return np.zeros((len(rows), t, width), np.float32), np.zeros((len(rows), t), bool), pooled
     states = np.where(keep[:, None, None], self.states[np.maximum(rows, 0)], 0.0).astype(np.float32)
     mask = self.mask[np.maximum(rows, 0)] & keep[:, None]
     pooled = None

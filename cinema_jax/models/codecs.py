@@ -5,9 +5,10 @@ Legend: F frames, (H, W) pixel rows x cols, (h, w, C) latent rows, cols and chan
 A codec has ``latent_shape`` (h, w, C), ``encode(frames uint8 [..., H, W, 3]) -> float32 [..., h, w, C]`` and
 ``decode(latents) -> uint8 [..., H', W', 3]``. A real autoencoder (the Flux AE, the Wan VAE) plugs in behind the same
 three names. ``PixelCodec`` is the codec of the CPU demo: the latent is the picture itself, area-resized to
-(h, w) and scaled from [0, 255] to [-1, 1]; decoding scales back and, when the output size (H', W') is larger,
-resizes bicubically. Nothing has to be trained or downloaded. The models' patch size (MM-DiT ``latent.patch``,
-video DiT ``patch_size``) turns latents into few tokens. A token must carry its patch's noise through the model's
+(h, w) and scaled from [0, 255] to [-1, 1]; decoding scales back and, when the output size (H', W') differs,
+resizes bicubically (meant for upsampling: a smaller output is not low-pass filtered first). Nothing has to be
+trained or downloaded. The models' patch size (MM-DiT ``latent.patch``, video DiT ``patch_size``) turns latents into
+few tokens. A token must carry its patch's noise through the model's
 width (the velocity target contains it): the demo keeps patches of 4 x 4 x 3 = 48 values under a width of 128,
 which is why its latent is the picture at half size (32 x 48 for 64 x 96 frames) rather than 8 x 8-pixel patches
 of the full picture (192 values per token, more than the width can carry).
@@ -61,7 +62,7 @@ class PixelCodec:
     latents = np.asarray(latents, np.float32)
     if latents.shape[-3:] != self.latent_shape:
       raise ValueError(f"latents must be [..., {self.height}, {self.width}, 3], got shape {latents.shape}")
-    x = np.clip((latents + 1.0) * 127.5, 0, 255)
+    x = np.clip((np.nan_to_num(latents) + 1.0) * 127.5, 0, 255)  # NaN decodes as mid-grey, never undefined
     if (self.out_height, self.out_width) != (self.height, self.width):
       lead = x.shape[:-3]
       flat = x.reshape((-1,) + self.latent_shape)

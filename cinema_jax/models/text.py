@@ -61,6 +61,10 @@ class TextEncoder(nn.Module):
   def from_config(cls, text, *, states_dim: int, pooled_dim: int, dtype=jnp.float32, param_dtype=jnp.float32):
     """From a config's ``text.encoder`` section (see configs/story.py)."""
     e = text.encoder
+    if e.width % e.heads:
+      raise ValueError(f"text.encoder.width={e.width} must divide into text.encoder.heads={e.heads}")
+    if e.tokenizer == "bytes" and e.vocab_size < 259:
+      raise ValueError(f"text.encoder.vocab_size={e.vocab_size} is too small for byte tokens (259 ids)")
     return cls(
       vocab_size=e.vocab_size, max_length=text.caption_tokens, width=e.width, depth=e.depth, heads=e.heads,
       states_dim=states_dim, pooled_dim=pooled_dim, dtype=dtype, param_dtype=param_dtype,

@@ -121,7 +121,7 @@ class KeyframePipeline:
       patch=lat.patch,
       # Without GoldenMem every earlier keyframe stays, at full size: the baseline whose cost grows with k.
       max_memory=(g.max_memory if max_memory is None else max_memory) if enabled else n,
-      pyramid=enabled,
+      pyramid=enabled and g.get("pyramid", True),
       selection=g.selection,
       caption_embeddings=np.stack([c.pooled for c in history_captions]) if n else None,
       query_embedding=caption.pooled,

@@ -32,6 +32,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -135,16 +136,42 @@ def _load(spec: str, what: str) -> tuple[dict, dict]:
 def _check_model_config(config, what: str) -> None:
   if config.codec.kind != "pixels":
     raise StoryRenderError(f"the {what} config has codec.kind={config.codec.kind!r}; this pipeline decodes pixels")
+  c = config.codec
+  model_size = (
+    (config.frame.height * config.latent.patch, config.frame.width * config.latent.patch)
+    if what == "keyframes"
+    else (config.sampling.latent_height, config.sampling.latent_width)
+  )
+  if (c.height, c.width) != model_size:
+    raise StoryRenderError(f"the {what} config's codec latent is {c.height} x {c.width}, its model's {model_size}")
+
+
+def _check_params(config, params: dict, spec: str, what: str) -> None:
+  """The parameter file must hold exactly the tree the config's model (and text encoder) would create."""
+  task = tasks.make_task(config)
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(task.init(jax.random.key(0), task.example_batch(1, 1))["params"]))
+  want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+  have = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  for name in sorted(set(want) | set(have)):
+    if want.get(name) != have.get(name):
+      raise StoryRenderError(
+        f"{what} parameters {_params_path(spec)} do not fit {what}.config: {name} is "
+        f"{have.get(name, 'missing')} in the file, {want.get(name, 'absent')} in the model"
+      )
 
 
 def load_models(config: ml_collections.ConfigDict) -> StoryModels:
   """Builds both models from ``config`` (configs/story.py): their configs, parameters and codecs."""
   kf_config = load_config(config.keyframes.config, [f"--config.{o}" for o in config.keyframes.overrides])
   vd_config = load_config(config.video.config, [f"--config.{o}" for o in config.video.overrides])
-  _check_model_config(kf_config, "keyframe")
+  _check_model_config(kf_config, "keyframes")
   _check_model_config(vd_config, "video")
+  if config.render.memory not in ("recency", "similarity"):
+    raise StoryRenderError(f"render.memory={config.render.memory!r}: choose recency or similarity")
   kf_params, kf_meta = _load(config.keyframes.params, "keyframes")
   vd_params, vd_meta = _load(config.video.params, "video")
+  _check_params(kf_config, kf_params, config.keyframes.params, "keyframes")
+  _check_params(vd_config, vd_params, config.video.params, "video")
 
   kf_config.goldenmem.selection = config.render.memory
   kf_text = _text_model(kf_config, kf_params, config.keyframes.text_embeddings, "keyframes")
@@ -200,6 +227,10 @@ def generate_keyframes(
   return [models.keyframe_codec.decode(x) for x in latents], latents
 
 
+def _nonfinite(x: np.ndarray) -> int:
+  return int(np.size(x) - np.isfinite(x).sum())
+
+
 def _prefix(models: StoryModels, picture: np.ndarray, latent: np.ndarray) -> np.ndarray:
   """The clip's image prefix: the keyframe's latent when both models share a latent space (no decode/encode round
   trip, so the clip opens on exactly the keyframe), else the decoded keyframe encoded by the video codec."""
@@ -218,23 +249,23 @@ def generate_clips(
   states, _ = models.video_text([shot.caption for shot in story.shots])
   latent_clips, nonfinite = [], []
   for k, (picture, latent) in enumerate(zip(*keyframes, strict=True)):
-    prefix = _prefix(models, picture, latent)[None, None]  # [1, 1, h, w, c]
+    prefix = np.nan_to_num(_prefix(models, picture, latent))[None, None]  # [1, 1, h, w, c]
     context = states[k : k + 1]
     latents = models.video.generate(
       context, num_frames=frames[k], image_prefix=prefix, negative_prompts=np.zeros_like(context),
       key=jax.random.key(_shot_seed(story, k, seed)), progress=progress,
     )[0]  # fmt: skip
-    nonfinite.append(int(np.size(latents) - np.isfinite(latents).sum()))
+    nonfinite.append(_nonfinite(latents))
     latent_clips.append(np.nan_to_num(latents))
   clips = [models.video_codec.decode(x) for x in tqdm(latent_clips, desc="decoding", unit="clip", disable=not progress)]
   return clips, nonfinite
 
 
-def frame_checks(clips: Sequence[np.ndarray], nonfinite: Sequence[int]) -> dict:
-  """Sanity of the rendered frames: NaN/inf latents and constant (single-colour) frames."""
+def frame_checks(clips: Sequence[np.ndarray], nonfinite: Sequence[int], keyframe_latents=()) -> dict:
+  """Sanity of the rendered frames: NaN/inf latents (keyframes and clips) and constant (single-colour) frames."""
   constant = [int(sum(float(f.std()) < 1.0 for f in clip)) for clip in clips]
-  return {"nonfinite_latents": int(sum(nonfinite)), "constant_frames": int(sum(constant)),
-          "frames": int(sum(len(c) for c in clips))}  # fmt: skip
+  bad = int(sum(nonfinite)) + sum(_nonfinite(x) for x in keyframe_latents)
+  return {"nonfinite_latents": bad, "constant_frames": int(sum(constant)), "frames": int(sum(len(c) for c in clips))}
 
 
 def plain_json(value: Any) -> Any:
@@ -258,7 +289,20 @@ def render_story(
 ) -> dict:
   """Renders ``story`` into ``out_dir`` (see the module docstring); returns the metrics written to metrics.json."""
   r = config.render
-  fps, progress = float(r.fps), bool(r.progress)
+  fps = float(r.fps or models.video_config.sampling.fps)
+  if fps <= 0:
+    raise StoryRenderError(f"render.fps must be positive, got {r.fps}")
+  progress = bool(r.progress)
+  notes = [
+    "Keyframes: keyframe MM-DiT with GoldenMem memory of the earlier keyframes; clips: diffusion-forcing "
+    "rollout from each keyframe.",
+    "Consistency and adherence figures are classical proxies (see docs/eval.md and docs/adherence.md).",
+  ]
+  controlled = [k + 1 for k, shot in enumerate(story.shots) if shot.control is not None]
+  if controlled:  # the LongVie control branches are not built: say so rather than pretend
+    note = f"control videos of shots {controlled} are not used: this pipeline has no control branches yet"
+    print(f"warning: {note}", file=sys.stderr)
+    notes.append(f"Note: {note}.")
   frames = shot_frames(story, fps, minimum=int(r.min_shot_frames))
   generated = generate_keyframes(story, models, seed=int(r.seed), progress=progress)
   keyframes = generated[0]
@@ -278,9 +322,15 @@ def render_story(
     report.write_png(tmp / "keyframes.png", report.contact_sheet(keyframes, labels))
 
     metrics: dict[str, Any] = {
-      "story": {"title": story.title, "shots": len(story.shots), "frames_per_shot": frames, "fps": fps},
+      "story": {
+        "title": story.title,
+        "shots": len(story.shots),
+        "frames_per_shot": frames,
+        "fps": fps,
+        "unused_control_shots": controlled,
+      },  # fmt: skip
       "models": models.sources,
-      "frames": frame_checks(clips, nonfinite),
+      "frames": frame_checks(clips, nonfinite, generated[1]),
     }
     if config.eval.metrics:
       from cinema_jax.eval import evaluate_video
@@ -313,11 +363,6 @@ def render_story(
        "duration": frames[k] / fps, "metrics": per_shot[k]}
       for k, shot in enumerate(story.shots)
     ]  # fmt: skip
-    notes = [
-      "Keyframes: keyframe MM-DiT with GoldenMem memory of the earlier keyframes; clips: diffusion-forcing "
-      "rollout from each keyframe.",
-      "Consistency and adherence figures are classical proxies (see docs/eval.md and docs/adherence.md).",
-    ]
     report.write_report(tmp / "report.html", title=story.title, shots=shots, metrics=metrics, notes=notes)
   return metrics
 

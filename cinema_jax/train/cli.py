@@ -68,5 +68,22 @@ def train_main(argv: list[str]) -> int:
   return 3 if result.preempted else 0
 
 
+def export_main(argv: list[str]) -> int:
+  """``cinema-jax export WORKDIR [--out FILE]``: the sampling parameters of a run's newest readable checkpoint."""
+  p = argparse.ArgumentParser(prog="cinema-jax export", description=export_main.__doc__.split(": ", 1)[1])
+  p.add_argument("workdir", help="a training workdir (its checkpoints/ folder is read)")
+  p.add_argument("--out", default=None, help="output file (default: WORKDIR/params.safetensors)")
+  args = p.parse_args(argv)
+  from cinema_jax.train.export import ParamsFileError, export_from_workdir
+
+  try:
+    path = export_from_workdir(args.workdir, args.out)
+  except ParamsFileError as e:
+    print(f"cinema-jax export: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {path}")
+  return 0
+
+
 if __name__ == "__main__":
   sys.exit(train_main(sys.argv[1:]))

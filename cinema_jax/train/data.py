@@ -42,10 +42,7 @@ class StageData:
   def __init__(self, task, config, *, stage: int, length: int, process_index: int, process_count: int):
     source = config.data.source
     if source not in SOURCES:
-      raise ValueError(
-        f"data.source={source!r} is not a training source; choose one of {', '.join(SOURCES)} (film data sets "
-        "give pixels and words, which need the autoencoder and text encoder to become model inputs)"
-      )
+      raise ValueError(f"data.source={source!r} is not a training source; choose one of {', '.join(SOURCES)}")
     global_batch = config.train.batch_size
     if global_batch % process_count:
       raise ValueError(f"train.batch_size={global_batch} does not split over {process_count} processes")
@@ -73,6 +70,7 @@ class StageData:
     if not config.data.root:
       raise ValueError("data.source='films' needs data.root: an ingested data set (cinema-jax ingest ... --out DIR)")
     settings = ml_collections.ConfigDict(config.data.loader.to_dict())
+    _check_tokenizer(config, settings)
     kind = "keyframes" if isinstance(task, KeyframeTask) else "clips"
     if kind == "keyframes":
       settings.max_keyframes = length
@@ -146,6 +144,28 @@ def _frozen_text(config, width: int, pooled_width: int, *, seed: int):
   return _StandInText(width, pooled_width, seed=seed)
 
 
+def _check_tokenizer(config, loader) -> None:
+  """A jointly trained text encoder must see the ids the story pipeline will give it: the same tokenizer."""
+  from cinema_jax.train.tasks import uses_text_encoder
+
+  if not uses_text_encoder(config):
+    return
+  e = config.text.encoder
+  if loader.tokenizer != e.tokenizer or (e.tokenizer == "words" and loader.vocab_size != e.vocab_size):
+    raise ValueError(
+      f"data.loader tokenizes with {loader.tokenizer} (vocab_size {loader.vocab_size}) but text.encoder expects "
+      f"{e.tokenizer} (vocab_size {e.vocab_size}); set data.loader.tokenizer / vocab_size to match"
+    )
+
+
+def _pixel_codec(config, height: int, width: int) -> PixelCodec:
+  """The model's pixel codec; a ``codec`` section of kind pixels must agree with the model's latent size."""
+  codec = config.get("codec")
+  if codec is not None and codec.kind == "pixels" and (codec.height, codec.width) != (height, width):
+    raise ValueError(f"codec.height x width = {codec.height} x {codec.width}, but the model takes {height} x {width}")
+  return PixelCodec(height, width)
+
+
 def _check_tokens(tokens: np.ndarray, expected: int) -> None:
   if tokens.shape[-1] != expected:
     raise ValueError(
@@ -168,7 +188,7 @@ class FilmsToKeyframes:
         f"data.source='films' trains on pixels (3 channels x patch {self.patch}^2 = {3 * self.patch**2} per token), "
         f"but model.in_channels={c.model.in_channels}; set model.in_channels and model.out_channels to it"
       )
-    self.codec = PixelCodec(self.height * self.patch, self.width * self.patch)
+    self.codec = _pixel_codec(c, self.height * self.patch, self.width * self.patch)
     self.text = None if uses_text_encoder(c) else _frozen_text(c, c.model.context_in_dim, c.model.vec_in_dim, seed=seed)
 
   def __call__(self, batch: dict) -> dict:
@@ -204,7 +224,7 @@ class FilmsToClips:
         f"data.source='films' trains the video DiT on pixels (3 channels), but model.in_channels={c.model.in_channels}"
       )
     self.length = length
-    self.codec = PixelCodec(c.sampling.latent_height, c.sampling.latent_width)
+    self.codec = _pixel_codec(c, c.sampling.latent_height, c.sampling.latent_width)
     self.text_len = c.sampling.text_len
     self.text = None if uses_text_encoder(c) else _frozen_text(c, c.model.text_dim, 0, seed=seed)
 

@@ -4,8 +4,9 @@ A checkpoint holds the whole train state (Adam moments, EMA, data position); sam
 preferably their exponential moving average. ``export_params`` writes them flat (keys are the parameter paths joined
 with "/", e.g. ``text/block_0/qkv/kernel``) in float32 with the config as JSON in the file's metadata, under a
 temporary name renamed into place. ``load_params`` reads them back as the nested dict the modules take.
-``train_and_evaluate`` exports ``WORKDIR/params.safetensors`` at the end of a run; ``export_from_workdir`` does the
-same from the newest checkpoint of any run.
+``train_and_evaluate`` exports ``WORKDIR/params.safetensors`` at the end of a single-process run;
+``export_from_workdir`` (``cinema-jax export WORKDIR``) does the same from the newest readable checkpoint of any run,
+in one process (it reads the arrays whole, so run it where the state fits in host memory).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 from typing import Any
 
 import numpy as np
@@ -91,11 +93,19 @@ def export_from_workdir(workdir: str | os.PathLike, out: str | os.PathLike | Non
 
   workdir = pathlib.Path(workdir)
   root = (workdir / "checkpoints").absolute()
-  steps = sorted((int(p.name) for p in root.glob("[0-9]*") if (p / "state").is_dir()), reverse=True)
+  steps = sorted(
+    (int(p.name) for p in root.glob("[0-9]*") if p.name.isdigit() and (p / "state").is_dir()), reverse=True
+  )
   if not steps:
     raise ParamsFileError(f"no checkpoint in {root} to export")
-  step = steps[0]
-  state = ocp.StandardCheckpointer().restore(root / str(step) / "state")
-  config_json = (root / str(step) / "config" / "metadata").read_text(encoding="utf-8")
-  source = "ema" if state.get("ema") is not None else "params"
-  return export_params(state[source], out or workdir / FILENAME, config_json=config_json, step=step, source=source)
+  for step in steps:  # newest first; an unreadable checkpoint falls back to the previous one, as a resume does
+    try:
+      state = ocp.StandardCheckpointer().restore(root / str(step) / "state")
+      config_json = (root / str(step) / "config" / "metadata").read_text(encoding="utf-8")
+    except Exception as e:  # noqa: BLE001 - any read failure means: this checkpoint is unusable
+      print(f"checkpoint at step {step} in {root} cannot be read ({type(e).__name__}); trying the previous one",
+            file=sys.stderr)  # fmt: skip
+      continue
+    source = "ema" if state.get("ema") is not None else "params"
+    return export_params(state[source], out or workdir / FILENAME, config_json=config_json, step=step, source=source)
+  raise ParamsFileError(f"no readable checkpoint in {root} to export")

@@ -6,7 +6,7 @@ sharded; then, stage by stage (``train.stage_steps`` x ``train.stage_lengths``),
 length and a step compiled for its shapes. Every step: the global batch from the per-process parts, the jitted
 donated step, metrics checked for NaN / inf, TensorBoard scalars and the progress bar from process 0, a checkpoint
 on the interval or at a preemption notice (jax's preemption service across processes; SIGTERM in a single-process
-run, see ``TerminationNotice``). A finished run also writes its sampling parameters (the EMA, else the
+run, see ``TerminationNotice``). A finished single-process run also writes its sampling parameters (the EMA, else the
 parameters) to ``workdir/params.safetensors`` (``cinema_jax.train.export``).
 """
 
@@ -53,6 +53,8 @@ class TerminationNotice:
 
   def _notice(self, signum, frame):
     self.requested = True
+    # A second SIGTERM (a run stuck before its next step) acts as it would have without the notice.
+    signal.signal(signal.SIGTERM, self._previous)
 
   def __exit__(self, *exc):
     if self._previous is not None:
