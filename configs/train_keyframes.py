@@ -78,8 +78,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "story":
     import_config("base").story_training(c, c.text.caption_tokens)
     c.train.batch_size = 16
-    c.train.stage_steps = (3500, 1000)
-    c.train.stage_lengths = (1, 3)
+    # Single keyframes teach caption -> picture (every step's loss is on one keyframe either way, and a 1-slot sample
+    # costs a third of a 3-slot one); the 3-slot stage teaches the use of memory; the last stage refines at the
+    # floor learning rate (the cosine ends at step 4500).
+    c.train.stage_steps = (3500, 1000, 4000)
+    c.train.stage_lengths = (1, 3, 1)
+    o.decay_steps = 4500
   else:
     c.mesh.data, c.mesh.fsdp = 1, -1  # parameters and Adam state sharded over every device
     c.model.remat_policy = "full"  # 32 keyframes x (1100 image + 512 text) tokens: activations dominate

@@ -4,7 +4,7 @@ Variants (``configs/video.py:VARIANT``):
 
   tiny           a few-layer model on 8 x 8 latents: tests, the rollout benchmark, CPU runs (seconds per window).
   story          the demo's clip model: width 128, 4 layers, 64 x 96-pixel frames through the pixel codec (half
-                 size, 4 x 4 pixels per token), its own small text encoder, windows of 8 frames with 2 carried over,
+                 size, 4 x 4 pixels per token), its own small text encoder, windows of 8 frames with 1 carried over,
                  the shot's keyframe as the first window's image prefix.
   skyreels_1p3b  SkyReels-V2-DF-1.3B-540P: width 1536, 12 heads x 128, 30 layers, FFN 8960, fps embedding;
                  25 latent frames x 68 x 120 latents (97 video frames, 544 x 960), 30 UniPC steps, shift 8.
@@ -100,14 +100,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.fps_embedding = False
     s.num_steps, s.shift, s.guidance_scale = 12, 3.0, 3.0
     s.addnoise_condition = 0.0  # trained with a clean prefix frame (training.num_prefix_frames)
-    s.base_num_frames, s.overlap_history = 8, 2
+    # One carried frame: the model was trained with exactly one clean leading frame (training.num_prefix_frames).
+    s.base_num_frames, s.overlap_history = 8, 1
     s.latent_height, s.latent_width = 32, 48  # the picture at half size (models/codecs.py says why)
     s.text_len = c.text.caption_tokens = 40
     s.fps = 12
     c.text.encoder.enabled = True
     c.codec.kind, c.codec.height, c.codec.width = "pixels", 32, 48
     c.codec.out_height, c.codec.out_width = 64, 96
-    t.num_prefix_frames = 1  # the first frame clean: the shot's keyframe (or the carried frames) leads the clip
+    t.num_prefix_frames = 1  # the first frame clean: the shot's keyframe, or the frame carried into a window
   elif variant == "skyreels_14b":
     m.width, m.heads, m.depth, m.ffn_dim = 5120, 40, 40, 13824
     m.fps_embedding = False

@@ -336,6 +336,7 @@ def render_story(
       from cinema_jax.eval import evaluate_video
 
       metrics["video"] = evaluate_video(tmp / "movie.mp4")
+      metrics["video"]["path"] = "movie.mp4"  # relative to the output folder (it was measured before publishing)
       metrics["video"]["shots_expected"] = len(story.shots)
     per_shot: list[dict] = [{} for _ in story.shots]
     if config.eval.adherence:
