@@ -108,6 +108,22 @@ def add_text_and_codec_sections(c: ml_collections.ConfigDict) -> ml_collections.
   return c
 
 
+def add_data_section(c: ml_collections.ConfigDict, caption_tokens: int) -> ml_collections.ConfigDict:
+  """Adds the ``data`` section of a training config (cinema_jax.train.data); the synthetic source by default."""
+  d = c.data = ml_collections.ConfigDict()
+  d.source = "synthetic"  # synthetic: seeded random model inputs | films: an ingested data set
+  d.seed = 0  # data order and contents (films: the loader's shuffle seed, plus the stage index)
+  d.root = ""  # films: the ingested data set (cinema-jax ingest ... --out DIR)
+  # films, models without text.encoder: a store of precomputed caption states (cinema_jax.data.embeddings); "" = a
+  # fixed seeded stand-in table.
+  d.text_embeddings = ""
+  # films: the grain loader's settings (configs/data.py documents each); keyframe samples take the stage length as
+  # max_keyframes, clips are cut to it.
+  d.loader = import_config("data").get_config("default").loader
+  d.loader.caption_tokens = caption_tokens  # the loader's caption length is the model's
+  return c
+
+
 def story_training(c: ml_collections.ConfigDict, caption_tokens: int) -> ml_collections.ConfigDict:
   """The training settings both story demo models share (configs/train_keyframes.py and train_video.py :story)."""
   c.mesh.data, c.mesh.fsdp = -1, 1  # data parallel over whatever devices there are (one CPU is enough)

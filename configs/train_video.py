@@ -48,17 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.warmup_steps = 1000  # linear warm-up from 0
   o.schedule = "cosine"  # after warm-up: "constant" or "cosine"
 
-  # Training data (cinema_jax.train.data).
-  d = c.data = ml_collections.ConfigDict()
-  d.source = "synthetic"  # synthetic: seeded smooth random latent clips and text states | films: ingested clips
-  d.seed = 0  # data order and contents (films: the loader's shuffle seed, plus the stage index)
-  d.root = ""  # films: the ingested data set (cinema-jax ingest ... --out DIR)
-  # films, models without text.encoder: a store of precomputed caption states (cinema_jax.data.embeddings); "" = a
-  # fixed seeded stand-in table.
-  d.text_embeddings = ""
-  # films: the grain loader's settings (configs/data.py documents each); clips longer than the stage are cut.
-  d.loader = import_config("data").get_config("default").loader
-  d.loader.caption_tokens = c.sampling.text_len  # the loader's caption length is the model's
+  # Training data (cinema_jax.train.data): the shared section of configs/base.py.
+  import_config("base").add_data_section(c, c.sampling.text_len)
 
   if variant == "tiny":
     c.mesh.data, c.mesh.fsdp = 2, -1

@@ -83,14 +83,14 @@ class _StoredTextModel:
     return states, pooled
 
 
-def _text_model(config, params, embeddings: str, what: str) -> _TextModel | _StoredTextModel:
+def _text_model(task, params, embeddings: str, what: str) -> _TextModel | _StoredTextModel:
   """The model's own text encoder, or (a model trained on precomputed states) the store at ``embeddings``."""
   from cinema_jax.data.embeddings import EmbeddingsError, TextEmbeddings
 
-  if tasks.uses_text_encoder(config):
+  if task.text is not None:
+    config = task.config
     e = config.text.encoder
     tokenizer = get_tokenizer(e.tokenizer, **({"vocab_size": e.vocab_size} if e.tokenizer == "words" else {}))
-    task = tasks.make_task(config)
     return _TextModel(tokenizer, config.text.caption_tokens, task.text, params["text"])
   if not embeddings:
     raise StoryRenderError(
@@ -146,9 +146,8 @@ def _check_model_config(config, what: str) -> None:
     raise StoryRenderError(f"the {what} config's codec latent is {c.height} x {c.width}, its model's {model_size}")
 
 
-def _check_params(config, params: dict, spec: str, what: str) -> None:
+def _check_params(task, params: dict, spec: str, what: str) -> None:
   """The parameter file must hold exactly the tree the config's model (and text encoder) would create."""
-  task = tasks.make_task(config)
   abstract = jax.eval_shape(lambda: nn.meta.unbox(task.init(jax.random.key(0), task.example_batch(1, 1))["params"]))
   want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
   have = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
@@ -170,23 +169,21 @@ def load_models(config: ml_collections.ConfigDict) -> StoryModels:
     raise StoryRenderError(f"render.memory={config.render.memory!r}: choose recency or similarity")
   kf_params, kf_meta = _load(config.keyframes.params, "keyframes")
   vd_params, vd_meta = _load(config.video.params, "video")
-  _check_params(kf_config, kf_params, config.keyframes.params, "keyframes")
-  _check_params(vd_config, vd_params, config.video.params, "video")
+  kf_task, vd_task = tasks.make_task(kf_config), tasks.make_task(vd_config)
+  _check_params(kf_task, kf_params, config.keyframes.params, "keyframes")
+  _check_params(vd_task, vd_params, config.video.params, "video")
 
   kf_config.goldenmem.selection = config.render.memory
-  kf_text = _text_model(kf_config, kf_params, config.keyframes.text_embeddings, "keyframes")
-  vd_text = _text_model(vd_config, vd_params, config.video.text_embeddings, "video")
-  kf_denoiser = kf_params["denoiser"] if tasks.uses_text_encoder(kf_config) else kf_params
-  vd_denoiser = vd_params["denoiser"] if tasks.uses_text_encoder(vd_config) else vd_params
-  keyframes = KeyframePipeline.from_config(kf_config, {"params": kf_denoiser})
+  kf_text = _text_model(kf_task, kf_params, config.keyframes.text_embeddings, "keyframes")
+  vd_text = _text_model(vd_task, vd_params, config.video.text_embeddings, "video")
+  keyframes = KeyframePipeline(kf_task.model, {"params": kf_task.denoiser_params(kf_params)}, kf_config)
   kf_codec = PixelCodec.from_config(kf_config.codec)
 
-  vd_task = tasks.make_task(vd_config)
   vd_codec = PixelCodec.from_config(vd_config.codec)
   fps = vd_config.sampling.fps if vd_config.model.fps_embedding else None
   sampler = LongVideoSampler(
     video_dit_apply(vd_task.model, fps),
-    {"params": vd_denoiser},
+    {"params": vd_task.denoiser_params(vd_params)},
     RolloutSettings.from_config(vd_config.sampling),
     latent_shape=vd_codec.latent_shape,
   )
