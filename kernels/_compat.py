@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 # A block dimension of size one that the kernel does not see.
@@ -88,3 +89,28 @@ def shard_map(f: Any, *, mesh: Any, in_specs: Any, out_specs: Any) -> Any:
 def abstract_mesh() -> Any:
   """The mesh set by ``jax.set_mesh`` (an empty mesh when none)."""
   return jax.sharding.get_abstract_mesh()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Mosaic GPU (Hopper).
+
+
+@functools.cache
+def plgpu() -> Any:
+  from jax.experimental.pallas import mosaic_gpu
+
+  return mosaic_gpu
+
+
+def mgpu_layout() -> Any:
+  """The register layout of a WGMMA accumulator; ``.reduce(1)`` is its row vectors, ``.reduce(0)`` its columns."""
+  return plgpu().Layout.WGMMA
+
+
+def mgpu_iota(shape: tuple[int, ...], dim: int, layout: Any) -> Any:
+  return plgpu().broadcasted_iota(jnp.int32, shape, dim, layout=layout)
+
+
+def mgpu_kernel(body: Any, *, out_type: Any, **kwargs: Any) -> Any:
+  """``plgpu.kernel`` with fast approximate exp2/log (the softmax tolerates them)."""
+  return plgpu().kernel(body, out_type=out_type, compiler_params=plgpu().CompilerParams(approx_math=True), **kwargs)

@@ -8,8 +8,11 @@ kernels over the same tile lists. Flavours:
 
 * ``"mosaic_tpu"``: Pallas Mosaic TPU (scalar-prefetched lists driving the BlockSpec pipeline). On CPU the same
   kernels run in interpret mode; that is how the tests run them.
-* ``"triton"``: Pallas with the Triton lowering, for NVIDIA GPUs (documented fallback: the Triton lowering is
-  deprecated in JAX 0.11 in favour of Mosaic GPU, which this package does not use yet; see docs/kernels.md).
+* ``"mosaic_gpu"``: Pallas Mosaic GPU for Hopper (and newer) GPUs: warp-specialised TMA + WGMMA kernels whose
+  producer warpgroup follows the tile lists. Inputs outside their scope (float32, stored dense tiles, other tiles)
+  run the Triton kernels.
+* ``"triton"``: Pallas with the Triton lowering, for older NVIDIA GPUs and as the fallback above (documented: the
+  Triton lowering is deprecated in JAX 0.11 in favour of Mosaic GPU; see docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -24,12 +27,21 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from cinema_jax.attention import masks as masks_lib
-from cinema_kernels import _compat, metadata, mosaic_tpu, triton_gpu
+from cinema_kernels import _compat, metadata, mosaic_gpu, mosaic_tpu, triton_gpu
 from cinema_kernels.blocks import BlockSizes, default_block_sizes
 from cinema_kernels.metadata import KernelMask
 
-FLAVOURS = ("mosaic_tpu", "triton")
-_MODULES = {"mosaic_tpu": mosaic_tpu, "triton": triton_gpu}
+FLAVOURS = ("mosaic_tpu", "mosaic_gpu", "triton")
+_MODULES = {"mosaic_tpu": mosaic_tpu, "mosaic_gpu": mosaic_gpu, "triton": triton_gpu}
+_NATIVE = {"mosaic_tpu": "tpu", "mosaic_gpu": "gpu", "triton": "gpu"}
+
+
+def _is_hopper_or_newer() -> bool:
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    return cc is not None and int(str(cc).split(".")[0]) >= 9
+  except ValueError:
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,18 +52,21 @@ class _Options:
 
 
 def resolve_flavour(flavour: str | None = None, interpret: bool | None = None) -> tuple[str, bool]:
-  """(flavour, interpret) for the default backend: TPU -> mosaic_tpu, GPU -> triton, CPU -> mosaic_tpu interpreted.
+  """(flavour, interpret) for the default backend: TPU -> mosaic_tpu, Hopper (and newer) GPUs -> mosaic_gpu, older
+  GPUs -> triton, CPU -> mosaic_tpu interpreted.
 
   ``interpret=False`` off the flavour's accelerator is allowed so that ``jax.export`` can lower for another platform.
   """
   backend = jax.default_backend()
   if flavour is None:
-    flavour = "triton" if backend == "gpu" else "mosaic_tpu"
+    if backend == "gpu":
+      flavour = "mosaic_gpu" if _is_hopper_or_newer() else "triton"
+    else:
+      flavour = "mosaic_tpu"
   if flavour not in FLAVOURS:
     raise ValueError(f"unknown kernel flavour {flavour!r}; choose one of {FLAVOURS}")
   if interpret is None:
-    native = {"mosaic_tpu": "tpu", "triton": "gpu"}[flavour]
-    interpret = backend != native
+    interpret = backend != _NATIVE[flavour]
   return flavour, bool(interpret)
 
 
@@ -75,8 +90,8 @@ def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, flavour: str) -> Non
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise TypeError(f"block_sparse_attention takes float32, bfloat16 or float16, got {q.dtype}")
   d = q.shape[-1]
-  if flavour == "triton" and (d < 16 or d & (d - 1)):
-    raise ValueError(f"block_sparse_attention (triton): head dim must be a power of two >= 16, got {d}")
+  if flavour in ("triton", "mosaic_gpu") and (d < 16 or d & (d - 1)):
+    raise ValueError(f"block_sparse_attention ({flavour}): head dim must be a power of two >= 16, got {d}")
 
 
 def _pad(x: jax.Array, length: int) -> jax.Array:

@@ -43,7 +43,8 @@ class BlockSizes:
     return self.block_q_bwd or self.block_q, self.block_kv_bwd or self.block_kv
 
 
-# Kernel flavours: "mosaic_tpu" (TPU; the same kernels run on CPU in interpret mode) and "triton" (NVIDIA GPUs).
+# Kernel flavours: "mosaic_tpu" (TPU; the same kernels run on CPU in interpret mode), "mosaic_gpu" (Hopper GPUs) and
+# "triton" (older NVIDIA GPUs, and the fallback for inputs outside the Mosaic GPU kernel's scope).
 DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {
   # TPU: the MXU wants multiples of 128; 512-wide key tiles amortise the per-grid-step cost, 256-row query tiles keep
   # the skipping granularity of frame-sized masks useful. Not tuned on hardware yet.
@@ -51,6 +52,9 @@ DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {
   # NVIDIA (Triton lowering): the forward keeps a 128 x D accumulator per program; the backward kernels hold two
   # accumulators each, so 64 x 64 tiles keep them in registers (the same split as JAX's Triton flash attention).
   "triton": BlockSizes(block_q=128, block_kv=64, block_q_bwd=64, block_kv_bwd=64),
+  # Hopper (Mosaic GPU): 128 query rows = two consumer warpgroups of 64 (the WGMMA M), 128-key tiles in a two-slot
+  # TMA ring (FlashAttention-3's split); the backward runs the Triton kernels, hence their 64 x 64.
+  "mosaic_gpu": BlockSizes(block_q=128, block_kv=128, block_q_bwd=64, block_kv_bwd=64),
   # CPU interpret mode: for tests and debugging only (XLA is the fast CPU path).
   "interpret": BlockSizes(block_q=128, block_kv=128),
 }

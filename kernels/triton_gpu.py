@@ -2,9 +2,9 @@
 
 Letters: B batch, H heads, L length, D head dim, R rows of tiles, S list length, N id leaves.
 
-JAX 0.11 deprecates the Triton lowering in favour of Mosaic GPU; this package keeps Triton as its GPU path because
-a block-sparse FA3-style Mosaic GPU kernel needs warp-specialised TMA pipelines driven by the tile lists, which is
-not written yet (see docs/kernels.md). The kernels use the model layout [B, L, H, D] directly (no transposes).
+JAX 0.11 deprecates the Triton lowering in favour of Mosaic GPU. Hopper GPUs run ``mosaic_gpu.py``; these kernels
+serve older GPUs (Ampere, Ada) and every input outside the Mosaic GPU kernels' scope (float32, stored dense tiles,
+other tile sizes, visit counting). The kernels use the model layout [B, L, H, D] directly (no transposes).
 
 Grid (R, B, H): one program per (query block or key block, sample, head). A program loads its own block once and
 loops over its tile list with two ``fori_loop``s, first the full tiles (no mask) then the partial tiles (element

@@ -10,9 +10,9 @@ Implementations:
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on CUDA GPUs, bf16/fp16 only. Fast for
   ``FullMask``/no mask; any other mask is handed to cuDNN as a dense mask, which is correct but computes every tile.
 * ``"pallas"``: the block-sparse kernel of ``cinema_kernels`` (the ``kernels/`` folder): it visits only non-empty
-  tiles of the mask's block summary and applies the element mask only on partial ones; Mosaic TPU on TPUs, the
-  Triton lowering on NVIDIA GPUs, interpret mode on the CPU. Under a mesh it runs inside ``jax.shard_map`` over the
-  batch and head axes of the logical rules.
+  tiles of the mask's block summary and applies the element mask only on partial ones; Mosaic TPU on TPUs, Mosaic
+  GPU on Hopper GPUs (the Triton lowering on older ones), interpret mode on the CPU. Under a mesh it runs inside
+  ``jax.shard_map`` over the batch and head axes of the logical rules.
 * ``None``: the best available for the inputs: the Pallas kernel for masked attention on a TPU or GPU, cuDNN for
   unmasked bf16/fp16 attention on a GPU, otherwise XLA.
 

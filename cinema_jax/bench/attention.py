@@ -8,7 +8,8 @@ segments: 12.5% dense), ``frame-causal`` (diffusion forcing: 16 frames of L/16 t
 oldest first, block-causal over frames).
 
 Implementations, all in one process on the same inputs: ``pallas`` (ours: ``dot_product_attention(...,
-implementation="pallas")``, tile lists built once on the host), ``cudnn`` (``jax.nn.dot_product_attention(
+implementation="pallas")``, tile lists built once on the host; on Hopper the Mosaic GPU forward), ``pallas-triton``
+(ours, the Triton flavour: the fallback for older GPUs, GPU only), ``cudnn`` (``jax.nn.dot_product_attention(
 implementation="cudnn")``: ``is_causal`` for the causal mask, the mask given densely otherwise, as an application
 would), ``xla`` (``jax.nn.dot_product_attention(implementation="xla")`` with the dense mask). Each is timed forward
 and forward+backward (``jax.grad`` of the float32 sum w.r.t. q, k, v), median of ``--iters`` runs after warm-up.
@@ -42,7 +43,7 @@ from cinema_jax.attention import dot_product_attention, masks
 from cinema_jax.bench import timing
 
 MASK_NAMES = ("dense", "causal", "8-segment", "frame-causal", "goldenmem")
-IMPLEMENTATIONS = ("pallas", "cudnn", "xla")
+IMPLEMENTATIONS = ("pallas", "pallas-triton", "cudnn", "xla")
 PHI = (1.0 + math.sqrt(5.0)) / 2.0
 
 
@@ -90,6 +91,10 @@ def attention_flops(length: int, heads: int, head_dim: int, batch: int, density:
 def _attention_fn(impl: str, mask: masks.Mask | None, name: str, length: int) -> Callable[..., jax.Array]:
   if impl == "pallas":
     return lambda q, k, v: dot_product_attention(q, k, v, mask=mask, implementation="pallas")
+  if impl == "pallas-triton":
+    from cinema_kernels import block_sparse_attention
+
+    return lambda q, k, v: block_sparse_attention(q, k, v, mask, flavour="triton")
   if name == "causal":
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
   if mask is None:
@@ -140,7 +145,7 @@ def run(
       for impl in impls:
         if impl == "xla" and length > xla_max_length:
           continue
-        if impl == "cudnn" and jax.default_backend() != "gpu":
+        if impl in ("cudnn", "pallas-triton") and jax.default_backend() != "gpu":
           continue
         fn = _attention_fn(impl, mask, name, length)
         directions = [("fwd", jax.jit(fn))]

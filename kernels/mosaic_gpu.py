@@ -1,0 +1,559 @@
+"""Block-sparse flash attention for Hopper GPUs through Pallas Mosaic GPU: warp-specialised, TMA, WGMMA.
+
+Letters: B batch, H heads, L length, D head dim, R rows of tiles, S list length, N id leaves.
+
+Every kernel is one CTA per (head, row of tiles, sample) with a **producer** warpgroup that walks the row's tile list
+(``TileLists``: full tiles first, then partial ones) and issues TMA copies of the listed blocks into a ring of
+``steps`` shared-memory slots, refilling a slot once its consumers arrive on its "used" barrier, and **consumer**
+warpgroups that walk the same list: WGMMA products from shared memory, the softmax in registers (base 2, with
+``scale * log2 e`` folded into one multiply). Blocks that are not listed are never copied; full tiles run without a
+mask; partial tiles evaluate the mask's expression on the ids of their rows (loaded once, row layout) and columns
+(loaded per tile, column layout), and the true lengths where the sequence is padded.
+
+* **forward** (tiles 128 x 64/128): two consumers own 64 query rows each and take turns on the tensor cores through a
+  schedule barrier (FlashAttention-3), so one's softmax overlaps the other's products. Writes the output and the
+  log-sum-exp [B, H, L] in natural-log units; a row that sees no key ends with ``l = 0``: output 0, lse ``+inf``.
+* **dq** (tiles 64 x 64): per query block over its key blocks, ``p = exp(s - lse)``, ``dp = dO v^T``,
+  ``ds = p (dp - delta)``, ``dq += ds k``.
+* **dk/dv** (tiles 64 x 64): per key block over the transposed lists (its query blocks, with dO, lse and delta),
+  ``p^T = exp(k q^T - lse)``, ``dv += p^T dO``, ``dp^T = v dO^T``, ``dk += (p^T (dp^T - delta)) q``.
+
+Scope: float16/bfloat16, head dims 64 and 128, masks in ids mode (or none). Anything else (float32 inputs, stored dense
+tiles, other tile sizes, visit counting) runs the Triton kernels over the same ``KernelMask``; they handle every case.
+JAX's Mosaic GPU interpreter cannot run these kernels (no ``run_state``, layout casts or transposed WGMMA operands),
+so the CPU tests lower them for CUDA with ``jax.export`` and the GPU tests compare them with XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from cinema_kernels import _compat, triton_gpu
+from cinema_kernels.metadata import KernelMask, TileLists, evaluate_program
+
+_LOG2E = math.log2(math.e)
+_ROWS = 64  # rows of one consumer warpgroup (the WGMMA M dimension)
+_FWD_CONSUMERS = 2
+_STEPS = 2  # slots of the TMA ring
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  rows: int  # block rows of the kernel's own side (query rows, or keys for dk/dv)
+  cols: int  # block columns walked through the list
+  head_dim: int
+  length: int  # S, entries per list
+  n_ids: int
+  program: object
+  scale2: float  # softmax scale times log2(e): scores in base-2 units
+  q_len: int
+  kv_len: int
+  check_q: bool
+  check_kv: bool
+  dtype: object
+
+
+def _static(km: KernelMask, lists: TileLists, rows: int, cols: int, scale: float, q: jax.Array) -> _Static:
+  return _Static(
+    rows=rows,
+    cols=cols,
+    head_dim=int(q.shape[-1]),
+    length=int(lists.index.shape[-1]),
+    n_ids=0 if km.q_ids is None else int(km.q_ids.shape[1]),
+    program=km.program,
+    scale2=float(scale) * _LOG2E,
+    q_len=km.q_len,
+    kv_len=km.kv_len,
+    check_q=km.q_pad > km.q_len,
+    check_kv=km.kv_pad > km.kv_len,
+    dtype=q.dtype,
+  )
+
+
+def supports(q: jax.Array, km: KernelMask) -> bool:
+  """Whether these kernels handle the inputs (otherwise the Triton kernels run)."""
+  return (
+    q.dtype in (jnp.bfloat16, jnp.float16)
+    and q.shape[-1] in (64, 128)
+    and km.block_sizes.fwd[0] == _FWD_CONSUMERS * _ROWS
+    and km.block_sizes.fwd[1] in (64, 128)
+    and km.block_sizes.bwd == (_ROWS, _ROWS)
+    and km.blocks_fwd is None
+  )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Shared pieces.
+
+
+def _layout():
+  return _compat.mgpu_layout()
+
+
+def _row_vec(ref, idx):
+  """A vector along the tile's rows (one value per accumulator row), from shared or global memory."""
+  return _compat.plgpu().load(ref.at[idx], (), layout=_layout().reduce(1), optimized=False)
+
+
+def _col_vec(ref, idx):
+  """A vector along the tile's columns."""
+  return _compat.plgpu().load(ref.at[idx], (), layout=_layout().reduce(0), optimized=False)
+
+
+def _zeros(shape):
+  return _compat.plgpu().layout_cast(
+    jnp.full(shape, 0.0, jnp.float32), _layout() if len(shape) == 2 else _layout().reduce(1)
+  )
+
+
+def _tile_mask(cfg: _Static, q_ids, kv_ids, q_start, kv_start, *, transposed: bool):
+  """bool [rows, cols] in the WGMMA layout, or None when nothing is hidden.
+
+  Not transposed: rows are queries (``q_ids`` row vectors) and columns keys; transposed (dk/dv): rows are keys.
+  """
+  shape = (cfg.rows, cfg.cols)
+  q_dim, kv_dim = (1, 0) if transposed else (0, 1)
+  vis = None
+  if cfg.program is not None and cfg.n_ids:
+    qs = [lax.broadcast_in_dim(x, shape, (q_dim,)) for x in q_ids]
+    kvs = [lax.broadcast_in_dim(x, shape, (kv_dim,)) for x in kv_ids]
+    vis = evaluate_program(cfg.program, qs, kvs)
+  if cfg.check_q:
+    pos = q_start + _compat.mgpu_iota(shape, q_dim, _layout())
+    vis = (pos < cfg.q_len) if vis is None else vis & (pos < cfg.q_len)
+  if cfg.check_kv:
+    pos = kv_start + _compat.mgpu_iota(shape, kv_dim, _layout())
+    vis = (pos < cfg.kv_len) if vis is None else vis & (pos < cfg.kv_len)
+  return vis
+
+
+def _produce(cfg: _Static, entry: Callable, n_total, fetch: Callable, used: Callable):
+  """Producer warpgroup: ``fetch(block, slot)`` per list entry; ``used(slot)`` waits until a slot may be refilled."""
+  for i in range(min(_STEPS, cfg.length)):
+    pl.when(i < n_total)(functools.partial(fetch, entry(i), i))
+
+  @pl.loop(0, jnp.maximum(n_total - _STEPS, 0))
+  def _(s):
+    slot = lax.rem(s, jnp.int32(_STEPS))
+    used(slot)
+    fetch(entry(s + _STEPS), slot)
+
+
+def _walk(n_full, n_total, step: Callable, carry):
+  """Full tiles first (no mask), then partial tiles (masked)."""
+  carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+  return lax.fori_loop(n_full, n_total, functools.partial(step, masked=True), carry)
+
+
+def _smem(shape, dtype):
+  plgpu = _compat.plgpu()
+  # 128-byte swizzle over (8, 64)-element tiles: the shared-memory layout WGMMA reads without bank conflicts.
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _kernel_call(body, cfg: _Static, out_type, n_rows: int, bsz: int, heads: int, consumers: int):
+  return _compat.mgpu_kernel(
+    functools.partial(body, cfg=cfg),
+    out_type=out_type,
+    grid=(heads, n_rows, bsz),
+    grid_names=("heads", "rows", "batch"),
+    num_threads=consumers + 1,
+    thread_name="wg",
+  )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Forward.
+
+
+def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static):
+  plgpu = _compat.plgpu()
+  id_refs, (o_ref, lse_ref) = refs[: len(refs) - 2], refs[len(refs) - 2 :]
+  b, hh, r = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("rows")
+  n_full, n_total = counts_ref[b, r, 0], counts_ref[b, r, 1]
+  entry = lambda s: index_ref[b, r, s]  # noqa: E731
+  bkv, d = cfg.cols, cfg.head_dim
+
+  def scoped(smem, ready, used, turn):
+    qo_smem2, k_smem, v_smem, lse_smem2 = smem
+    k_ready, v_ready, q_ready = ready
+    k_used, v_used = used
+    wg = lax.axis_index("wg")
+
+    def take_turn():
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
+    @pl.when(wg < _FWD_CONSUMERS)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+      q_base = r * (_FWD_CONSUMERS * _ROWS) + wg * _ROWS
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, _ROWS), hh], qo_smem, q_ready.at[wg])
+      q_ids = [_row_vec(id_refs[0], (b, n, pl.ds(q_base, _ROWS))) for n in range(cfg.n_ids)]
+      plgpu.barrier_wait(q_ready.at[wg])
+      m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), _layout().reduce(1))
+      carry = (_zeros((_ROWS, d)), m, _zeros((_ROWS,)))
+
+      @pl.when(n_total > 0)
+      def _():
+        plgpu.barrier_wait(k_ready.at[0])
+
+      pl.when(wg == 1)(take_turn)
+
+      def step(s, carry, masked: bool):
+        acc, m, denom = carry
+        slot = lax.rem(s, jnp.int32(_STEPS))
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          take_turn()
+          return acc_ref[...]
+
+        scores = pl.run_scoped(qk, plgpu.ACC((_ROWS, bkv), jnp.float32))
+        plgpu.barrier_arrive(k_used.at[slot])
+        scores = scores * cfg.scale2
+        if masked:
+          kv_start = entry(s) * bkv
+          kv_ids = [_col_vec(id_refs[1], (b, n, pl.ds(kv_start, bkv))) for n in range(cfg.n_ids)]
+          vis = _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False)
+          if vis is not None:
+            scores = jnp.where(vis, scores, -jnp.inf)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        # A row with nothing visible yet keeps m = -inf; subtract 0 there so that exp2 gives 0, not NaN.
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, (0,)))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+        denom = denom * alpha + p.sum(axis=1)
+        p16 = p.astype(cfg.dtype)
+        acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
+        plgpu.barrier_arrive(turn)  # softmax done
+        plgpu.barrier_wait(v_ready.at[slot])
+        plgpu.barrier_wait(turn)  # tensor cores free
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          nxt = s + 1
+
+          @pl.when(nxt < n_total)
+          def _():
+            plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(_STEPS))])
+
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_used.at[slot])
+        return acc, m_new, denom
+
+      acc, m, denom = _walk(n_full, n_total, step, carry)
+      pl.when(wg == 0)(take_turn)
+
+      seen = denom > 0.0
+      safe = jnp.where(seen, denom, 1.0)
+      acc = acc * lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe, 0.0), acc.shape, (0,))
+      qo_smem[...] = acc.astype(cfg.dtype)
+      lse_smem[...] = jnp.where(seen, (m + jnp.log2(safe)) / _LOG2E, jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q_base, _ROWS), hh])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, hh, pl.ds(q_base, _ROWS)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _FWD_CONSUMERS)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def fetch(kb, slot):
+        rows = (b, pl.ds(kb * bkv, bkv), hh)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+      def used(slot):
+        plgpu.barrier_wait(k_used.at[slot])
+        plgpu.barrier_wait(v_used.at[slot])
+
+      _produce(cfg, entry, n_total, fetch, used)
+
+  pl.run_scoped(
+    scoped,
+    (
+      _smem((_FWD_CONSUMERS, _ROWS, d), cfg.dtype),
+      _smem((_STEPS, bkv, d), cfg.dtype),
+      _smem((_STEPS, bkv, d), cfg.dtype),
+      plgpu.SMEM((_FWD_CONSUMERS, _ROWS), jnp.float32),
+    ),
+    (
+      plgpu.Barrier(num_barriers=_STEPS),
+      plgpu.Barrier(num_barriers=_STEPS),
+      plgpu.Barrier(num_barriers=_FWD_CONSUMERS),
+    ),
+    (plgpu.Barrier(num_arrivals=_FWD_CONSUMERS, num_barriers=_STEPS),) * 2,
+    plgpu.Barrier(num_arrivals=_FWD_CONSUMERS),
+    collective_axes="wg",
+  )
+
+
+def _ids(km: KernelMask) -> list[jax.Array]:
+  return [] if km.q_ids is None else [km.q_ids.astype(jnp.int32), km.kv_ids.astype(jnp.int32)]
+
+
+def _lists(lists: TileLists) -> list[jax.Array]:
+  return [lists.index.astype(jnp.int32), lists.counts.astype(jnp.int32)]
+
+
+def forward(
+  q: jax.Array, k: jax.Array, v: jax.Array, km: KernelMask, scale: float, *, interpret: bool, count_visits: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """q [B, Lq_pad, H, D], k/v [B, Lkv_pad, H, D] -> (out like q, lse [B, H, Lq_pad], None).
+
+  Inputs outside these kernels' scope (see the module docstring) and visit counting run the Triton forward.
+  """
+  _refuse_interpret(interpret)
+  if count_visits or not supports(q, km):
+    return triton_gpu.forward(q, k, v, km, scale, interpret=False, count_visits=count_visits)
+  bsz, lq, h, _ = q.shape
+  bq, bkv = km.block_sizes.fwd
+  cfg = _static(km, km.fwd, _ROWS, bkv, scale, q)
+  out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bsz, h, lq), jnp.float32))
+  out, lse = _kernel_call(_fwd_kernel, cfg, out_type, lq // bq, bsz, h, _FWD_CONSUMERS)(
+    *_lists(km.fwd), q, k, v, *_ids(km)
+  )
+  return out, lse, None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Backward.
+
+
+def _dq_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Static):
+  """One consumer: dq of 64 query rows over the key blocks of their list."""
+  plgpu = _compat.plgpu()
+  id_refs, dq_ref = refs[:-1], refs[-1]
+  b, hh, r = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("rows")
+  n_full, n_total = counts_ref[b, r, 0], counts_ref[b, r, 1]
+  entry = lambda s: index_ref[b, r, s]  # noqa: E731
+  bkv, d = cfg.cols, cfg.head_dim
+  q_base = r * _ROWS
+
+  def scoped(q_smem, do_smem, k_smem, v_smem, own_ready, k_ready, v_ready, used):
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 0)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      rows = (b, pl.ds(q_base, _ROWS), hh)
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, own_ready.at[0])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, own_ready.at[1])
+      lse2 = _row_vec(lse_ref, (b, hh, pl.ds(q_base, _ROWS)))  # lse in base-2 units
+      delta = _row_vec(delta_ref, (b, hh, pl.ds(q_base, _ROWS)))
+      q_ids = [_row_vec(id_refs[0], (b, n, pl.ds(q_base, _ROWS))) for n in range(cfg.n_ids)]
+      plgpu.barrier_wait(own_ready.at[0])
+      plgpu.barrier_wait(own_ready.at[1])
+
+      def step(s, dq, masked: bool):
+        slot = lax.rem(s, jnp.int32(_STEPS))
+        plgpu.barrier_wait(k_ready.at[slot])
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          return acc_ref[...]
+
+        scores = pl.run_scoped(qk, plgpu.ACC((_ROWS, bkv), jnp.float32)) * cfg.scale2
+        if masked:
+          kv_start = entry(s) * bkv
+          kv_ids = [_col_vec(id_refs[1], (b, n, pl.ds(kv_start, bkv))) for n in range(cfg.n_ids)]
+          vis = _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False)
+          if vis is not None:
+            scores = jnp.where(vis, scores, -jnp.inf)
+        p = jnp.exp2(scores - lax.broadcast_in_dim(lse2, scores.shape, (0,)))
+        plgpu.barrier_wait(v_ready.at[slot])
+
+        def dov(acc_ref):
+          plgpu.wgmma(acc_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+          return acc_ref[...]
+
+        dp = pl.run_scoped(dov, plgpu.ACC((_ROWS, bkv), jnp.float32))
+        ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, (0,)))
+
+        def dsk(acc_ref):
+          plgpu.wgmma(acc_ref, ds.astype(cfg.dtype), k_smem.at[slot])
+
+        dq = pl.run_state(dsk)(plgpu.ACC.init(dq))
+        plgpu.barrier_arrive(used.at[slot])
+        return dq
+
+      dq = _walk(n_full, n_total, step, _zeros((_ROWS, d)))
+      q_smem[...] = (dq * (cfg.scale2 / _LOG2E)).astype(cfg.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def fetch(kb, slot):
+        cols = (b, pl.ds(kb * bkv, bkv), hh)
+        plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_ready.at[slot])
+
+      _produce(cfg, entry, n_total, fetch, lambda slot: plgpu.barrier_wait(used.at[slot]))
+
+  pl.run_scoped(
+    scoped,
+    _smem((_ROWS, d), cfg.dtype),
+    _smem((_ROWS, d), cfg.dtype),
+    _smem((_STEPS, bkv, d), cfg.dtype),
+    _smem((_STEPS, bkv, d), cfg.dtype),
+    plgpu.Barrier(num_barriers=2),
+    plgpu.Barrier(num_barriers=_STEPS),
+    plgpu.Barrier(num_barriers=_STEPS),
+    plgpu.Barrier(num_barriers=_STEPS),
+    collective_axes="wg",
+  )
+
+
+def _dkv_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Static):
+  """One consumer: dk and dv of 64 keys over the query blocks of their (transposed) list. Rows are keys here."""
+  plgpu = _compat.plgpu()
+  id_refs, (dk_ref, dv_ref) = refs[: len(refs) - 2], refs[len(refs) - 2 :]
+  b, hh, r = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("rows")
+  n_full, n_total = counts_ref[b, r, 0], counts_ref[b, r, 1]
+  entry = lambda s: index_ref[b, r, s]  # noqa: E731
+  bq, d = cfg.cols, cfg.head_dim
+  kv_base = r * _ROWS
+
+  def scoped(
+    k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, own_ready, q_ready, do_ready, lse_ready, delta_ready, used
+  ):
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 0)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      rows = (b, pl.ds(kv_base, _ROWS), hh)
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, own_ready.at[0])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, own_ready.at[1])
+      kv_ids = [_row_vec(id_refs[1], (b, n, pl.ds(kv_base, _ROWS))) for n in range(cfg.n_ids)]
+      plgpu.barrier_wait(own_ready.at[0])
+      plgpu.barrier_wait(own_ready.at[1])
+
+      def step(s, carry, masked: bool):
+        dk, dv = carry
+        slot = lax.rem(s, jnp.int32(_STEPS))
+        plgpu.barrier_wait(q_ready.at[slot])
+
+        def kq(acc_ref):
+          plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+          return acc_ref[...]
+
+        scores_t = pl.run_scoped(kq, plgpu.ACC((_ROWS, bq), jnp.float32)) * cfg.scale2
+        if masked:
+          q_start = entry(s) * bq
+          q_ids = [_col_vec(id_refs[0], (b, n, pl.ds(q_start, bq))) for n in range(cfg.n_ids)]
+          vis = _tile_mask(cfg, q_ids, kv_ids, q_start, kv_base, transposed=True)
+          if vis is not None:
+            scores_t = jnp.where(vis, scores_t, -jnp.inf)
+        plgpu.barrier_wait(lse_ready.at[slot])
+        plgpu.barrier_wait(delta_ready.at[slot])
+        lse2 = _col_vec(lse_smem.at[slot], ())
+        delta = _col_vec(delta_smem.at[slot], ())
+        p_t = jnp.exp2(scores_t - lax.broadcast_in_dim(lse2, scores_t.shape, (1,)))
+        plgpu.barrier_wait(do_ready.at[slot])
+
+        def pdo_vdo(refs):
+          # Both products in one region: one wait for the pair.
+          dv_ref, dp_ref = refs
+          plgpu.wgmma(dv_ref, p_t.astype(cfg.dtype), do_smem.at[slot])
+          plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+
+        dv, dp_t = pl.run_state(pdo_vdo)((plgpu.ACC.init(dv), plgpu.ACC.init(_zeros((_ROWS, bq)))))
+        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, (1,)))
+
+        def dsq(acc_ref):
+          plgpu.wgmma(acc_ref, ds_t.astype(cfg.dtype), q_smem.at[slot])
+
+        dk = pl.run_state(dsq)(plgpu.ACC.init(dk))
+        plgpu.barrier_arrive(used.at[slot])
+        return dk, dv
+
+      dk, dv = _walk(n_full, n_total, step, (_zeros((_ROWS, d)), _zeros((_ROWS, d))))
+      k_smem[...] = (dk * (cfg.scale2 / _LOG2E)).astype(cfg.dtype)
+      v_smem[...] = dv.astype(cfg.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def fetch(qb, slot):
+        span = pl.ds(qb * bq, bq)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, span, hh], q_smem.at[slot], q_ready.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, span, hh], do_smem.at[slot], do_ready.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, hh, span], lse_smem.at[slot], lse_ready.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, hh, span], delta_smem.at[slot], delta_ready.at[slot])
+
+      _produce(cfg, entry, n_total, fetch, lambda slot: plgpu.barrier_wait(used.at[slot]))
+
+  pl.run_scoped(
+    scoped,
+    _smem((_ROWS, d), cfg.dtype),
+    _smem((_ROWS, d), cfg.dtype),
+    _smem((_STEPS, bq, d), cfg.dtype),
+    _smem((_STEPS, bq, d), cfg.dtype),
+    plgpu.SMEM((_STEPS, bq), jnp.float32),
+    plgpu.SMEM((_STEPS, bq), jnp.float32),
+    plgpu.Barrier(num_barriers=2),
+    *(plgpu.Barrier(num_barriers=_STEPS) for _ in range(5)),
+    collective_axes="wg",
+  )
+
+
+def backward(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  out: jax.Array,
+  lse: jax.Array,
+  do: jax.Array,
+  km: KernelMask,
+  scale: float,
+  *,
+  interpret: bool,
+  count_visits: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
+  """Gradients (dq, dk, dv) like q, k, v from the forward's out and lse [B, H, Lq_pad]."""
+  _refuse_interpret(interpret)
+  if count_visits or not supports(q, km):
+    return triton_gpu.backward(q, k, v, out, lse, do, km, scale, interpret=False, count_visits=count_visits)
+  bsz, lq, h, _ = q.shape
+  lkv = k.shape[1]
+  bq, bkv = km.block_sizes.bwd
+  delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), do.astype(jnp.float32))  # [b, h, lq]
+  lse2 = lse * _LOG2E  # +inf stays +inf: rows that saw nothing pass no gradient
+  operands = (q, k, v, do, lse2, delta)
+  cfg = _static(km, km.dq, _ROWS, bkv, scale, q)
+  dq = _kernel_call(_dq_kernel, cfg, jax.ShapeDtypeStruct(q.shape, q.dtype), lq // bq, bsz, h, 1)(
+    *_lists(km.dq), *operands, *_ids(km)
+  )
+  cfg_t = _static(km, km.dkv, _ROWS, bq, scale, q)
+  kv_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+  dk, dv = _kernel_call(_dkv_kernel, cfg_t, kv_type, lkv // bkv, bsz, h, 1)(*_lists(km.dkv), *operands, *_ids(km))
+  return dq, dk, dv, None
+
+
+def _refuse_interpret(interpret: bool) -> None:
+  if interpret:
+    raise NotImplementedError(
+      "the mosaic_gpu kernels have no CPU interpret mode (JAX's Mosaic GPU interpreter lacks run_state, layout casts "
+      "and transposed WGMMA operands); use flavour='triton' or 'mosaic_tpu' with interpret=True on the CPU"
+    )
