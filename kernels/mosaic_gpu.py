@@ -108,6 +108,27 @@ def _col_vec(ref, idx):
   return _compat.plgpu().load(ref.at[idx], (), layout=_layout().reduce(0), optimized=False)
 
 
+def _leaf_ids(cfg: _Static, id_refs, side: int, b, start, size: int, vec: Callable) -> list:
+  """Every mask leaf's ids of tokens ``start .. start + size`` (``side`` 0: queries, 1: keys) as ``vec`` vectors."""
+  return [vec(id_refs[side], (b, n, pl.ds(start, size))) for n in range(cfg.n_ids)]
+
+
+def _hide(scores, vis):
+  """``-inf`` where the tile's element mask hides a pair (``vis`` None: nothing hidden)."""
+  return scores if vis is None else jnp.where(vis, scores, -jnp.inf)
+
+
+def _scores(cfg: _Static, a_smem, b_smem, cols: int):
+  """``a b^T`` by WGMMA in float32, in base-2 softmax units (``b`` is stored [cols, D])."""
+  plgpu = _compat.plgpu()
+
+  def product(acc_ref):
+    plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+    return acc_ref[...]
+
+  return pl.run_scoped(product, plgpu.ACC((_ROWS, cols), jnp.float32)) * cfg.scale2
+
+
 def _zeros(shape):
   return _compat.plgpu().layout_cast(
     jnp.full(shape, 0.0, jnp.float32), _layout() if len(shape) == 2 else _layout().reduce(1)
@@ -198,7 +219,7 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static)
       qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
       q_base = r * (_FWD_CONSUMERS * _ROWS) + wg * _ROWS
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, _ROWS), hh], qo_smem, q_ready.at[wg])
-      q_ids = [_row_vec(id_refs[0], (b, n, pl.ds(q_base, _ROWS))) for n in range(cfg.n_ids)]
+      q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
       plgpu.barrier_wait(q_ready.at[wg])
       m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), _layout().reduce(1))
       carry = (_zeros((_ROWS, d)), m, _zeros((_ROWS,)))
@@ -223,10 +244,8 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static)
         scores = scores * cfg.scale2
         if masked:
           kv_start = entry(s) * bkv
-          kv_ids = [_col_vec(id_refs[1], (b, n, pl.ds(kv_start, bkv))) for n in range(cfg.n_ids)]
-          vis = _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False)
-          if vis is not None:
-            scores = jnp.where(vis, scores, -jnp.inf)
+          kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_start, bkv, _col_vec)
+          scores = _hide(scores, _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False))
         m_new = jnp.maximum(m, scores.max(axis=1))
         # A row with nothing visible yet keeps m = -inf; subtract 0 there so that exp2 gives 0, not NaN.
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -352,7 +371,7 @@ def _dq_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
       plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, own_ready.at[1])
       lse2 = _row_vec(lse_ref, (b, hh, pl.ds(q_base, _ROWS)))  # lse in base-2 units
       delta = _row_vec(delta_ref, (b, hh, pl.ds(q_base, _ROWS)))
-      q_ids = [_row_vec(id_refs[0], (b, n, pl.ds(q_base, _ROWS))) for n in range(cfg.n_ids)]
+      q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
       plgpu.barrier_wait(own_ready.at[0])
       plgpu.barrier_wait(own_ready.at[1])
 
@@ -360,17 +379,11 @@ def _dq_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
         slot = lax.rem(s, jnp.int32(_STEPS))
         plgpu.barrier_wait(k_ready.at[slot])
 
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          return acc_ref[...]
-
-        scores = pl.run_scoped(qk, plgpu.ACC((_ROWS, bkv), jnp.float32)) * cfg.scale2
+        scores = _scores(cfg, q_smem, k_smem.at[slot], bkv)
         if masked:
           kv_start = entry(s) * bkv
-          kv_ids = [_col_vec(id_refs[1], (b, n, pl.ds(kv_start, bkv))) for n in range(cfg.n_ids)]
-          vis = _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False)
-          if vis is not None:
-            scores = jnp.where(vis, scores, -jnp.inf)
+          kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_start, bkv, _col_vec)
+          scores = _hide(scores, _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False))
         p = jnp.exp2(scores - lax.broadcast_in_dim(lse2, scores.shape, (0,)))
         plgpu.barrier_wait(v_ready.at[slot])
 
@@ -440,7 +453,7 @@ def _dkv_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
       rows = (b, pl.ds(kv_base, _ROWS), hh)
       plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, own_ready.at[0])
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, own_ready.at[1])
-      kv_ids = [_row_vec(id_refs[1], (b, n, pl.ds(kv_base, _ROWS))) for n in range(cfg.n_ids)]
+      kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_base, _ROWS, _row_vec)
       plgpu.barrier_wait(own_ready.at[0])
       plgpu.barrier_wait(own_ready.at[1])
 
@@ -449,17 +462,11 @@ def _dkv_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
         slot = lax.rem(s, jnp.int32(_STEPS))
         plgpu.barrier_wait(q_ready.at[slot])
 
-        def kq(acc_ref):
-          plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
-          return acc_ref[...]
-
-        scores_t = pl.run_scoped(kq, plgpu.ACC((_ROWS, bq), jnp.float32)) * cfg.scale2
+        scores_t = _scores(cfg, k_smem, q_smem.at[slot], bq)
         if masked:
           q_start = entry(s) * bq
-          q_ids = [_col_vec(id_refs[0], (b, n, pl.ds(q_start, bq))) for n in range(cfg.n_ids)]
-          vis = _tile_mask(cfg, q_ids, kv_ids, q_start, kv_base, transposed=True)
-          if vis is not None:
-            scores_t = jnp.where(vis, scores_t, -jnp.inf)
+          q_ids = _leaf_ids(cfg, id_refs, 0, b, q_start, bq, _col_vec)
+          scores_t = _hide(scores_t, _tile_mask(cfg, q_ids, kv_ids, q_start, kv_base, transposed=True))
         plgpu.barrier_wait(lse_ready.at[slot])
         plgpu.barrier_wait(delta_ready.at[slot])
         lse2 = _col_vec(lse_smem.at[slot], ())

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cinema_jax import safetensors_files
+
 FORMAT = "cinema_jax.text_embeddings.v1"
 
 
@@ -35,8 +37,6 @@ def write_text_embeddings(
   pooled: np.ndarray | None = None,
 ) -> pathlib.Path:
   """Writes a store (under a temporary name, then renamed); rows follow ``captions``, which must be distinct."""
-  from safetensors.numpy import save_file
-
   captions = [str(c) for c in captions]
   n = len(captions)
   if len(set(captions)) != n:
@@ -50,11 +50,7 @@ def write_text_embeddings(
     if pooled.ndim != 2 or pooled.shape[0] != n:
       raise EmbeddingsError(f"need pooled [N={n}, C]; got {pooled.shape}")
     tensors["pooled"] = pooled
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.partial")
-  save_file(tensors, str(tmp), metadata={"format": FORMAT, "captions": json.dumps(captions)})
-  os.replace(tmp, path)
-  return path
+  return safetensors_files.write(path, tensors, {"format": FORMAT, "captions": json.dumps(captions)})
 
 
 class TextEmbeddings:
@@ -67,17 +63,8 @@ class TextEmbeddings:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> TextEmbeddings:
-    from safetensors import SafetensorError, safe_open
-
     path = pathlib.Path(path)
-    if not path.is_file():
-      raise EmbeddingsError(f"text-embedding store {path} does not exist")
-    try:
-      with safe_open(str(path), framework="numpy") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-    except (SafetensorError, OSError, ValueError) as e:
-      raise EmbeddingsError(f"text-embedding store {path} is not a readable safetensors file: {e}") from e
+    meta, tensors = safetensors_files.read(path, EmbeddingsError, "text-embedding store")
     if meta.get("format") != FORMAT or "states" not in tensors or "mask" not in tensors:
       raise EmbeddingsError(f"{path} is not a {FORMAT} store (format {meta.get('format')!r})")
     try:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from cinema_jax import safetensors_files
+
 FORMAT = "cinema_jax.params.v1"
 FILENAME = "params.safetensors"
 
@@ -51,33 +53,16 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict:
 
 def export_params(params: Any, path: str | os.PathLike, *, config_json: str, step: int, source: str) -> pathlib.Path:
   """Writes ``params`` (a nested dict of arrays) to ``path`` atomically; returns the path."""
-  from safetensors.numpy import save_file
-
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   metadata = {"format": FORMAT, "config": config_json, "step": str(int(step)), "source": source}
-  tmp = path.with_name(f".{path.name}.partial")
-  save_file(_flatten(params), str(tmp), metadata=metadata)
-  os.replace(tmp, path)
-  return path
+  return safetensors_files.write(path, _flatten(params), metadata)
 
 
 def load_params(path: str | os.PathLike) -> tuple[dict, dict]:
   """(params, metadata) of a file written by ``export_params``; metadata["config"] is the config as a dict."""
-  from safetensors import SafetensorError
-  from safetensors.numpy import load_file
-
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise ParamsFileError(f"parameter file {path} does not exist")
-  try:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-      metadata = dict(f.metadata() or {})
-    flat = load_file(str(path))
-  except (SafetensorError, OSError, ValueError) as e:
-    raise ParamsFileError(f"parameter file {path} is not a readable safetensors file: {e}") from e
+  metadata, flat = safetensors_files.read(path, ParamsFileError, "parameter file")
   if metadata.get("format") != FORMAT:
     raise ParamsFileError(f"parameter file {path} is not a {FORMAT} export (format {metadata.get('format')!r})")
   try:
