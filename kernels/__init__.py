@@ -5,12 +5,13 @@ package ``kernels`` already owns that import name.
 
 Flash attention over (block_q, block_kv) tiles driven by a mask's block summary: empty tiles are never loaded or
 computed, full tiles run unmasked, partial tiles apply the element mask (recomputed from the mask's ids, or stored for
-dense masks). Forward and backward (dq, dk/dv) through ``jax.custom_vjp``; TPU (Mosaic TPU), NVIDIA GPU (Triton
-lowering) and CPU (interpret mode). ``cinema_jax.attention.dot_product_attention(implementation="pallas")`` dispatches
-here. See docs/kernels.md.
+dense masks). Forward and backward (dq, dk/dv) through ``jax.custom_vjp``; TPU (Mosaic TPU), Hopper GPUs (Mosaic
+GPU), older NVIDIA GPUs (Triton lowering) and CPU (interpret mode).
+``cinema_jax.attention.dot_product_attention(implementation="pallas")`` dispatches here. See docs/kernels.md.
 
-Modules: ``metadata`` (tile lists, KernelMask), ``reference`` (plain-jnp block-sparse walk), ``mosaic_tpu`` and
-``triton_gpu`` (the kernels), ``attention`` (entry points), ``blocks`` (tile sizes), ``_compat`` (JAX version shim).
+Modules: ``metadata`` (tile lists, KernelMask), ``reference`` (plain-jnp block-sparse walk), ``mosaic_tpu``,
+``mosaic_gpu`` and ``triton_gpu`` (the kernels), ``mosaic_gpu_interpret`` (the Mosaic GPU kernels on the CPU),
+``attention`` (entry points), ``blocks`` (tile sizes), ``_compat`` (JAX version shim).
 """
 
 from cinema_kernels.attention import (

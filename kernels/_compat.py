@@ -114,3 +114,22 @@ def mgpu_iota(shape: tuple[int, ...], dim: int, layout: Any) -> Any:
 def mgpu_kernel(body: Any, *, out_type: Any, **kwargs: Any) -> Any:
   """``plgpu.kernel`` with fast approximate exp2/log (the softmax tolerates them)."""
   return plgpu().kernel(body, out_type=out_type, compiler_params=plgpu().CompilerParams(approx_math=True), **kwargs)
+
+
+@functools.cache
+def mgpu_internals() -> Any:
+  """The jaxpr-level classes ``mosaic_gpu_interpret`` dispatches on: JAX internals, so they are named only here."""
+  import types
+
+  from jax._src.pallas.mosaic_gpu import core as gpu_core
+  from jax._src.state import indexing
+  from jax._src.state import types as state_types
+
+  return types.SimpleNamespace(
+    BarrierType=gpu_core.BarrierType,
+    layout_only=(gpu_core.UnswizzleRef, gpu_core.UntilingTransform),  # transforms that only change the layout
+    NDIndexer=indexing.NDIndexer,
+    Slice=indexing.Slice,
+    TransposeTransform=state_types.TransposeTransform,
+    AbstractRef=state_types.AbstractRef,
+  )

@@ -10,7 +10,7 @@ kernels over the same tile lists. Flavours:
   kernels run in interpret mode; that is how the tests run them.
 * ``"mosaic_gpu"``: Pallas Mosaic GPU for Hopper (and newer) GPUs: warp-specialised TMA + WGMMA kernels whose
   producer warpgroup follows the tile lists. Inputs outside their scope (float32, stored dense tiles, other tiles)
-  run the Triton kernels.
+  run the Triton kernels. On CPU, ``interpret=True`` runs them in ``mosaic_gpu_interpret``.
 * ``"triton"``: Pallas with the Triton lowering, for older NVIDIA GPUs and as the fallback above (documented: the
   Triton lowering is deprecated in JAX 0.11 in favour of Mosaic GPU; see docs/kernels.md).
 """
@@ -73,7 +73,9 @@ def resolve_flavour(flavour: str | None = None, interpret: bool | None = None) -
 def resolve_block_sizes(block_sizes: BlockSizes | None, flavour: str, interpret: bool) -> BlockSizes:
   if block_sizes is not None:
     return block_sizes
-  return default_block_sizes("interpret" if interpret and jax.default_backend() == "cpu" else flavour)
+  # The Mosaic GPU kernels' structure follows their tiles (consumer warpgroups of 64 rows): interpreted, they keep them.
+  on_cpu = interpret and jax.default_backend() == "cpu" and flavour != "mosaic_gpu"
+  return default_block_sizes("interpret" if on_cpu else flavour)
 
 
 def _check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, flavour: str) -> None:

@@ -13,15 +13,21 @@ mask; partial tiles evaluate the mask's expression on the ids of their rows (loa
 * **forward** (tiles 128 x 64/128): two consumers own 64 query rows each and take turns on the tensor cores through a
   schedule barrier (FlashAttention-3), so one's softmax overlaps the other's products. Writes the output and the
   log-sum-exp [B, H, L] in natural-log units; a row that sees no key ends with ``l = 0``: output 0, lse ``+inf``.
-* **dq** (tiles 64 x 64): per query block over its key blocks, ``p = exp(s - lse)``, ``dp = dO v^T``,
-  ``ds = p (dp - delta)``, ``dq += ds k``.
-* **dk/dv** (tiles 64 x 64): per key block over the transposed lists (its query blocks, with dO, lse and delta),
+* **dq** (tiles ``block_q_bwd x block_kv_bwd``): per query block over its key blocks, ``p = exp(s - lse)``,
+  ``dp = dO v^T``, ``ds = p (dp - delta)``, ``dq += ds k``.
+* **dk/dv** (same tiles, transposed lists): per key block over its query blocks (with dO, lse and delta),
   ``p^T = exp(k q^T - lse)``, ``dv += p^T dO``, ``dp^T = v dO^T``, ``dk += (p^T (dp^T - delta)) q``.
+
+  Each backward side of a tile is 64 or 128. A CTA owns ``rows / 64`` consumers of 64 rows (its own side: queries
+  for dq, keys for dk/dv) that share every block the producer brings, and works on a listed block of ``cols`` in
+  ``cols / 64`` products of 64 (the WGMMA accumulators of two 128-wide products would not fit in registers). 64 x 64
+  (one consumer, one product) is the measured default; 128 x 128 halves the copies per product and lets two consumers
+  overlap.
 
 Scope: float16/bfloat16, head dims 64 and 128, masks in ids mode (or none). Anything else (float32 inputs, stored dense
 tiles, other tile sizes, visit counting) runs the Triton kernels over the same ``KernelMask``; they handle every case.
-JAX's Mosaic GPU interpreter cannot run these kernels (no ``run_state``, layout casts or transposed WGMMA operands),
-so the CPU tests lower them for CUDA with ``jax.export`` and the GPU tests compare them with XLA.
+``interpret=True`` runs the traced kernel bodies on the CPU through ``mosaic_gpu_interpret`` (JAX's own Mosaic GPU
+interpreter lacks ``run_state``, layout casts and transposed WGMMA operands).
 """
 
 from __future__ import annotations
@@ -43,12 +49,17 @@ _LOG2E = math.log2(math.e)
 _ROWS = 64  # rows of one consumer warpgroup (the WGMMA M dimension)
 _FWD_CONSUMERS = 2
 _STEPS = 2  # slots of the TMA ring
+# Backward tile sides: a CTA owns 64 or 128 rows (one or two consumers of 64) and walks blocks of 64 or 128 columns
+# (one or two 64-wide products per list entry).
+_BWD_SIDES = (_ROWS, 2 * _ROWS)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  rows: int  # block rows of the kernel's own side (query rows, or keys for dk/dv)
-  cols: int  # block columns walked through the list
+  rows: int  # rows of one consumer: of the kernel's own side (query rows, or keys for dk/dv)
+  cols: int  # columns of one product
+  span: int  # tokens per listed block walked: ``span // cols`` products (parts) per list entry
+  consumers: int  # consumer warpgroups; a CTA owns ``consumers * rows`` rows
   head_dim: int
   length: int  # S, entries per list
   n_ids: int
@@ -61,10 +72,22 @@ class _Static:
   dtype: object
 
 
-def _static(km: KernelMask, lists: TileLists, rows: int, cols: int, scale: float, q: jax.Array) -> _Static:
+def _static(
+  km: KernelMask,
+  lists: TileLists,
+  rows: int,
+  cols: int,
+  scale: float,
+  q: jax.Array,
+  *,
+  span: int | None = None,
+  consumers: int = 1,
+) -> _Static:
   return _Static(
     rows=rows,
     cols=cols,
+    span=cols if span is None else span,
+    consumers=consumers,
     head_dim=int(q.shape[-1]),
     length=int(lists.index.shape[-1]),
     n_ids=0 if km.q_ids is None else int(km.q_ids.shape[1]),
@@ -85,7 +108,7 @@ def supports(q: jax.Array, km: KernelMask) -> bool:
     and q.shape[-1] in (64, 128)
     and km.block_sizes.fwd[0] == _FWD_CONSUMERS * _ROWS
     and km.block_sizes.fwd[1] in (64, 128)
-    and km.block_sizes.bwd == (_ROWS, _ROWS)
+    and all(side in _BWD_SIDES for side in km.block_sizes.bwd)
     and km.blocks_fwd is None
   )
 
@@ -156,6 +179,37 @@ def _tile_mask(cfg: _Static, q_ids, kv_ids, q_start, kv_start, *, transposed: bo
   return vis
 
 
+def _own_base(cfg: _Static, r, wg):
+  """First row of consumer ``wg`` in CTA row ``r``."""
+  return r * _ROWS if cfg.consumers == 1 else r * (cfg.consumers * _ROWS) + wg * _ROWS
+
+
+def _own_smem(cfg: _Static):
+  """One [64, D] buffer per consumer."""
+  shape = (_ROWS, cfg.head_dim) if cfg.consumers == 1 else (cfg.consumers, _ROWS, cfg.head_dim)
+  return _smem(shape, cfg.dtype)
+
+
+def _own(cfg: _Static, ref, wg):
+  return ref if cfg.consumers == 1 else ref.at[wg]
+
+
+def _own_barrier(cfg: _Static, barriers, wg, i: int):
+  """Barrier ``i`` of the consumer's own two (its 64 rows of the two operands it keeps)."""
+  return barriers.at[i if cfg.consumers == 1 else 2 * wg + i]
+
+
+def _part(cfg: _Static, ring, slot, part: int):
+  """Rows ``part * cols ..`` of a ring slot holding one listed block (the whole slot when one product covers it)."""
+  return ring.at[slot] if cfg.span == cfg.cols else ring.at[slot, pl.ds(part * cfg.cols, cfg.cols)]
+
+
+def _part_start(cfg: _Static, block, part: int):
+  """First token of ``part`` of listed block ``block``."""
+  start = block * cfg.span
+  return start + part * cfg.cols if part else start
+
+
 def _produce(cfg: _Static, entry: Callable, n_total, fetch: Callable, used: Callable):
   """Producer warpgroup: ``fetch(block, slot)`` per list entry; ``used(slot)`` waits until a slot may be refilled."""
   for i in range(min(_STEPS, cfg.length)):
@@ -180,8 +234,8 @@ def _smem(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
-def _kernel_call(body, cfg: _Static, out_type, n_rows: int, bsz: int, heads: int, consumers: int):
-  return _compat.mgpu_kernel(
+def _kernel_call(body, cfg: _Static, out_type, n_rows: int, bsz: int, heads: int, consumers: int, interpret: bool):
+  call = _compat.mgpu_kernel(
     functools.partial(body, cfg=cfg),
     out_type=out_type,
     grid=(heads, n_rows, bsz),
@@ -189,6 +243,11 @@ def _kernel_call(body, cfg: _Static, out_type, n_rows: int, bsz: int, heads: int
     num_threads=consumers + 1,
     thread_name="wg",
   )
+  if interpret:
+    from cinema_kernels import mosaic_gpu_interpret
+
+    return functools.partial(mosaic_gpu_interpret.interpret, call)
+  return call
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -282,7 +341,7 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q_base, _ROWS), hh])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, hh, pl.ds(q_base, _ROWS)])
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == _FWD_CONSUMERS)
     def _producer():
@@ -333,14 +392,13 @@ def forward(
 
   Inputs outside these kernels' scope (see the module docstring) and visit counting run the Triton forward.
   """
-  _refuse_interpret(interpret)
   if count_visits or not supports(q, km):
-    return triton_gpu.forward(q, k, v, km, scale, interpret=False, count_visits=count_visits)
+    return triton_gpu.forward(q, k, v, km, scale, interpret=interpret, count_visits=count_visits)
   bsz, lq, h, _ = q.shape
   bq, bkv = km.block_sizes.fwd
   cfg = _static(km, km.fwd, _ROWS, bkv, scale, q)
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bsz, h, lq), jnp.float32))
-  out, lse = _kernel_call(_fwd_kernel, cfg, out_type, lq // bq, bsz, h, _FWD_CONSUMERS)(
+  out, lse = _kernel_call(_fwd_kernel, cfg, out_type, lq // bq, bsz, h, _FWD_CONSUMERS, interpret)(
     *_lists(km.fwd), q, k, v, *_ids(km)
   )
   return out, lse, None
@@ -351,68 +409,71 @@ def forward(
 
 
 def _dq_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Static):
-  """One consumer: dq of 64 query rows over the key blocks of their list."""
+  """``consumers`` x 64 query rows, 64 per consumer: dq over the key blocks of their common list."""
   plgpu = _compat.plgpu()
   id_refs, dq_ref = refs[:-1], refs[-1]
   b, hh, r = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("rows")
   n_full, n_total = counts_ref[b, r, 0], counts_ref[b, r, 1]
   entry = lambda s: index_ref[b, r, s]  # noqa: E731
-  bkv, d = cfg.cols, cfg.head_dim
-  q_base = r * _ROWS
+  c, d = cfg.consumers, cfg.head_dim
 
   def scoped(q_smem, do_smem, k_smem, v_smem, own_ready, k_ready, v_ready, used):
     wg = lax.axis_index("wg")
 
-    @pl.when(wg == 0)
+    @pl.when(wg < c)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
+      q_base = _own_base(cfg, r, wg)
+      q_own, do_own = _own(cfg, q_smem, wg), _own(cfg, do_smem, wg)
       rows = (b, pl.ds(q_base, _ROWS), hh)
-      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, own_ready.at[0])
-      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, own_ready.at[1])
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_own, _own_barrier(cfg, own_ready, wg, 0))
+      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_own, _own_barrier(cfg, own_ready, wg, 1))
       lse2 = _row_vec(lse_ref, (b, hh, pl.ds(q_base, _ROWS)))  # lse in base-2 units
       delta = _row_vec(delta_ref, (b, hh, pl.ds(q_base, _ROWS)))
       q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
-      plgpu.barrier_wait(own_ready.at[0])
-      plgpu.barrier_wait(own_ready.at[1])
+      plgpu.barrier_wait(_own_barrier(cfg, own_ready, wg, 0))
+      plgpu.barrier_wait(_own_barrier(cfg, own_ready, wg, 1))
 
       def step(s, dq, masked: bool):
         slot = lax.rem(s, jnp.int32(_STEPS))
         plgpu.barrier_wait(k_ready.at[slot])
+        for part in range(cfg.span // cfg.cols):
+          k_part, v_part = _part(cfg, k_smem, slot, part), _part(cfg, v_smem, slot, part)
+          scores = _scores(cfg, q_own, k_part, cfg.cols)
+          if masked:
+            kv_start = _part_start(cfg, entry(s), part)
+            kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_start, cfg.cols, _col_vec)
+            scores = _hide(scores, _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False))
+          p = jnp.exp2(scores - lax.broadcast_in_dim(lse2, scores.shape, (0,)))
+          if part == 0:
+            plgpu.barrier_wait(v_ready.at[slot])
 
-        scores = _scores(cfg, q_smem, k_smem.at[slot], bkv)
-        if masked:
-          kv_start = entry(s) * bkv
-          kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_start, bkv, _col_vec)
-          scores = _hide(scores, _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False))
-        p = jnp.exp2(scores - lax.broadcast_in_dim(lse2, scores.shape, (0,)))
-        plgpu.barrier_wait(v_ready.at[slot])
+          def dov(acc_ref, v_part=v_part):
+            plgpu.wgmma(acc_ref, do_own, plgpu.transpose_ref(v_part, (1, 0)))
+            return acc_ref[...]
 
-        def dov(acc_ref):
-          plgpu.wgmma(acc_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-          return acc_ref[...]
+          dp = pl.run_scoped(dov, plgpu.ACC((_ROWS, cfg.cols), jnp.float32))
+          ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, (0,)))
 
-        dp = pl.run_scoped(dov, plgpu.ACC((_ROWS, bkv), jnp.float32))
-        ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, (0,)))
+          def dsk(acc_ref, ds=ds, k_part=k_part):
+            plgpu.wgmma(acc_ref, ds.astype(cfg.dtype), k_part)
 
-        def dsk(acc_ref):
-          plgpu.wgmma(acc_ref, ds.astype(cfg.dtype), k_smem.at[slot])
-
-        dq = pl.run_state(dsk)(plgpu.ACC.init(dq))
+          dq = pl.run_state(dsk)(plgpu.ACC.init(dq))
         plgpu.barrier_arrive(used.at[slot])
         return dq
 
       dq = _walk(n_full, n_total, step, _zeros((_ROWS, d)))
-      q_smem[...] = (dq * (cfg.scale2 / _LOG2E)).astype(cfg.dtype)
+      q_own[...] = (dq * (cfg.scale2 / _LOG2E)).astype(cfg.dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.copy_smem_to_gmem(q_own, dq_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    @pl.when(wg == 1)
+    @pl.when(wg == c)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
       def fetch(kb, slot):
-        cols = (b, pl.ds(kb * bkv, bkv), hh)
+        cols = (b, pl.ds(kb * cfg.span, cfg.span), hh)
         plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_ready.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_ready.at[slot])
 
@@ -420,90 +481,97 @@ def _dq_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
 
   pl.run_scoped(
     scoped,
-    _smem((_ROWS, d), cfg.dtype),
-    _smem((_ROWS, d), cfg.dtype),
-    _smem((_STEPS, bkv, d), cfg.dtype),
-    _smem((_STEPS, bkv, d), cfg.dtype),
-    plgpu.Barrier(num_barriers=2),
+    _own_smem(cfg),
+    _own_smem(cfg),
+    _smem((_STEPS, cfg.span, d), cfg.dtype),
+    _smem((_STEPS, cfg.span, d), cfg.dtype),
+    plgpu.Barrier(num_barriers=2 * c),
     plgpu.Barrier(num_barriers=_STEPS),
     plgpu.Barrier(num_barriers=_STEPS),
-    plgpu.Barrier(num_barriers=_STEPS),
+    plgpu.Barrier(num_arrivals=c, num_barriers=_STEPS),
     collective_axes="wg",
   )
 
 
 def _dkv_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Static):
-  """One consumer: dk and dv of 64 keys over the query blocks of their (transposed) list. Rows are keys here."""
+  """``consumers`` x 64 keys, 64 per consumer: dk and dv over the query blocks of their common (transposed) list.
+
+  Rows are keys here.
+  """
   plgpu = _compat.plgpu()
   id_refs, (dk_ref, dv_ref) = refs[: len(refs) - 2], refs[len(refs) - 2 :]
   b, hh, r = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("rows")
   n_full, n_total = counts_ref[b, r, 0], counts_ref[b, r, 1]
   entry = lambda s: index_ref[b, r, s]  # noqa: E731
-  bq, d = cfg.cols, cfg.head_dim
-  kv_base = r * _ROWS
+  c, d = cfg.consumers, cfg.head_dim
 
   def scoped(
     k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, own_ready, q_ready, do_ready, lse_ready, delta_ready, used
   ):
     wg = lax.axis_index("wg")
 
-    @pl.when(wg == 0)
+    @pl.when(wg < c)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
+      kv_base = _own_base(cfg, r, wg)
+      k_own, v_own = _own(cfg, k_smem, wg), _own(cfg, v_smem, wg)
       rows = (b, pl.ds(kv_base, _ROWS), hh)
-      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, own_ready.at[0])
-      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, own_ready.at[1])
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_own, _own_barrier(cfg, own_ready, wg, 0))
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_own, _own_barrier(cfg, own_ready, wg, 1))
       kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_base, _ROWS, _row_vec)
-      plgpu.barrier_wait(own_ready.at[0])
-      plgpu.barrier_wait(own_ready.at[1])
+      plgpu.barrier_wait(_own_barrier(cfg, own_ready, wg, 0))
+      plgpu.barrier_wait(_own_barrier(cfg, own_ready, wg, 1))
 
       def step(s, carry, masked: bool):
         dk, dv = carry
         slot = lax.rem(s, jnp.int32(_STEPS))
         plgpu.barrier_wait(q_ready.at[slot])
+        for part in range(cfg.span // cfg.cols):
+          q_part, do_part = _part(cfg, q_smem, slot, part), _part(cfg, do_smem, slot, part)
+          scores_t = _scores(cfg, k_own, q_part, cfg.cols)
+          if masked:
+            q_start = _part_start(cfg, entry(s), part)
+            q_ids = _leaf_ids(cfg, id_refs, 0, b, q_start, cfg.cols, _col_vec)
+            scores_t = _hide(scores_t, _tile_mask(cfg, q_ids, kv_ids, q_start, kv_base, transposed=True))
+          if part == 0:
+            plgpu.barrier_wait(lse_ready.at[slot])
+            plgpu.barrier_wait(delta_ready.at[slot])
+          lse2 = _col_vec(_part(cfg, lse_smem, slot, part), ())
+          delta = _col_vec(_part(cfg, delta_smem, slot, part), ())
+          p_t = jnp.exp2(scores_t - lax.broadcast_in_dim(lse2, scores_t.shape, (1,)))
+          if part == 0:
+            plgpu.barrier_wait(do_ready.at[slot])
 
-        scores_t = _scores(cfg, k_smem, q_smem.at[slot], bq)
-        if masked:
-          q_start = entry(s) * bq
-          q_ids = _leaf_ids(cfg, id_refs, 0, b, q_start, bq, _col_vec)
-          scores_t = _hide(scores_t, _tile_mask(cfg, q_ids, kv_ids, q_start, kv_base, transposed=True))
-        plgpu.barrier_wait(lse_ready.at[slot])
-        plgpu.barrier_wait(delta_ready.at[slot])
-        lse2 = _col_vec(lse_smem.at[slot], ())
-        delta = _col_vec(delta_smem.at[slot], ())
-        p_t = jnp.exp2(scores_t - lax.broadcast_in_dim(lse2, scores_t.shape, (1,)))
-        plgpu.barrier_wait(do_ready.at[slot])
+          def pdo_vdo(refs, p_t=p_t, do_part=do_part):
+            # Both products in one region: one wait for the pair.
+            dv_ref, dp_ref = refs
+            plgpu.wgmma(dv_ref, p_t.astype(cfg.dtype), do_part)
+            plgpu.wgmma(dp_ref, v_own, plgpu.transpose_ref(do_part, (1, 0)))
 
-        def pdo_vdo(refs):
-          # Both products in one region: one wait for the pair.
-          dv_ref, dp_ref = refs
-          plgpu.wgmma(dv_ref, p_t.astype(cfg.dtype), do_smem.at[slot])
-          plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+          dv, dp_t = pl.run_state(pdo_vdo)((plgpu.ACC.init(dv), plgpu.ACC.init(_zeros((_ROWS, cfg.cols)))))
+          ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, (1,)))
 
-        dv, dp_t = pl.run_state(pdo_vdo)((plgpu.ACC.init(dv), plgpu.ACC.init(_zeros((_ROWS, bq)))))
-        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, (1,)))
+          def dsq(acc_ref, ds_t=ds_t, q_part=q_part):
+            plgpu.wgmma(acc_ref, ds_t.astype(cfg.dtype), q_part)
 
-        def dsq(acc_ref):
-          plgpu.wgmma(acc_ref, ds_t.astype(cfg.dtype), q_smem.at[slot])
-
-        dk = pl.run_state(dsq)(plgpu.ACC.init(dk))
+          dk = pl.run_state(dsq)(plgpu.ACC.init(dk))
         plgpu.barrier_arrive(used.at[slot])
         return dk, dv
 
       dk, dv = _walk(n_full, n_total, step, (_zeros((_ROWS, d)), _zeros((_ROWS, d))))
-      k_smem[...] = (dk * (cfg.scale2 / _LOG2E)).astype(cfg.dtype)
-      v_smem[...] = dv.astype(cfg.dtype)
+      k_own[...] = (dk * (cfg.scale2 / _LOG2E)).astype(cfg.dtype)
+      v_own[...] = dv.astype(cfg.dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
-      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.copy_smem_to_gmem(k_own, dk_ref.at[rows])
+      plgpu.copy_smem_to_gmem(v_own, dv_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    @pl.when(wg == 1)
+    @pl.when(wg == c)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
       def fetch(qb, slot):
-        span = pl.ds(qb * bq, bq)
+        span = pl.ds(qb * cfg.span, cfg.span)
         plgpu.copy_gmem_to_smem(q_ref.at[b, span, hh], q_smem.at[slot], q_ready.at[slot])
         plgpu.copy_gmem_to_smem(do_ref.at[b, span, hh], do_smem.at[slot], do_ready.at[slot])
         plgpu.copy_gmem_to_smem(lse_ref.at[b, hh, span], lse_smem.at[slot], lse_ready.at[slot])
@@ -513,14 +581,15 @@ def _dkv_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
 
   pl.run_scoped(
     scoped,
-    _smem((_ROWS, d), cfg.dtype),
-    _smem((_ROWS, d), cfg.dtype),
-    _smem((_STEPS, bq, d), cfg.dtype),
-    _smem((_STEPS, bq, d), cfg.dtype),
-    plgpu.SMEM((_STEPS, bq), jnp.float32),
-    plgpu.SMEM((_STEPS, bq), jnp.float32),
-    plgpu.Barrier(num_barriers=2),
-    *(plgpu.Barrier(num_barriers=_STEPS) for _ in range(5)),
+    _own_smem(cfg),
+    _own_smem(cfg),
+    _smem((_STEPS, cfg.span, d), cfg.dtype),
+    _smem((_STEPS, cfg.span, d), cfg.dtype),
+    plgpu.SMEM((_STEPS, cfg.span), jnp.float32),
+    plgpu.SMEM((_STEPS, cfg.span), jnp.float32),
+    plgpu.Barrier(num_barriers=2 * c),
+    *(plgpu.Barrier(num_barriers=_STEPS) for _ in range(4)),
+    plgpu.Barrier(num_arrivals=c, num_barriers=_STEPS),
     collective_axes="wg",
   )
 
@@ -539,28 +608,21 @@ def backward(
   count_visits: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
   """Gradients (dq, dk, dv) like q, k, v from the forward's out and lse [B, H, Lq_pad]."""
-  _refuse_interpret(interpret)
   if count_visits or not supports(q, km):
-    return triton_gpu.backward(q, k, v, out, lse, do, km, scale, interpret=False, count_visits=count_visits)
+    return triton_gpu.backward(q, k, v, out, lse, do, km, scale, interpret=interpret, count_visits=count_visits)
   bsz, lq, h, _ = q.shape
   lkv = k.shape[1]
   bq, bkv = km.block_sizes.bwd
   delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), do.astype(jnp.float32))  # [b, h, lq]
   lse2 = lse * _LOG2E  # +inf stays +inf: rows that saw nothing pass no gradient
   operands = (q, k, v, do, lse2, delta)
-  cfg = _static(km, km.dq, _ROWS, bkv, scale, q)
-  dq = _kernel_call(_dq_kernel, cfg, jax.ShapeDtypeStruct(q.shape, q.dtype), lq // bq, bsz, h, 1)(
-    *_lists(km.dq), *operands, *_ids(km)
-  )
-  cfg_t = _static(km, km.dkv, _ROWS, bq, scale, q)
+  cfg = _static(km, km.dq, _ROWS, _ROWS, scale, q, span=bkv, consumers=bq // _ROWS)
+  dq = _kernel_call(
+    _dq_kernel, cfg, jax.ShapeDtypeStruct(q.shape, q.dtype), lq // bq, bsz, h, cfg.consumers, interpret
+  )(*_lists(km.dq), *operands, *_ids(km))
+  cfg_t = _static(km, km.dkv, _ROWS, _ROWS, scale, q, span=bq, consumers=bkv // _ROWS)
   kv_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-  dk, dv = _kernel_call(_dkv_kernel, cfg_t, kv_type, lkv // bkv, bsz, h, 1)(*_lists(km.dkv), *operands, *_ids(km))
+  dk, dv = _kernel_call(_dkv_kernel, cfg_t, kv_type, lkv // bkv, bsz, h, cfg_t.consumers, interpret)(
+    *_lists(km.dkv), *operands, *_ids(km)
+  )
   return dq, dk, dv, None
-
-
-def _refuse_interpret(interpret: bool) -> None:
-  if interpret:
-    raise NotImplementedError(
-      "the mosaic_gpu kernels have no CPU interpret mode (JAX's Mosaic GPU interpreter lacks run_state, layout casts "
-      "and transposed WGMMA operands); use flavour='triton' or 'mosaic_tpu' with interpret=True on the CPU"
-    )

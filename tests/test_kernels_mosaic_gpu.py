@@ -1,22 +1,26 @@
-"""The Mosaic GPU (Hopper) kernels: lowering on any machine, numerics against XLA on a Hopper GPU.
+"""The Mosaic GPU (Hopper) kernels: lowering and interpret mode on any machine, compiled numerics on a Hopper GPU.
 
-JAX's Mosaic GPU interpreter cannot run these kernels (no ``run_state``, layout casts or transposed WGMMA operands), so
-on the CPU the tests lower forward and backward for CUDA with ``jax.export`` (the whole Pallas -> Mosaic GPU lowering
-runs here; the final PTX compilation happens on the device) and check which inputs fall back to the Triton kernels.
-On a Hopper GPU the compiled kernels are compared with XLA attention in float32: outputs and dq, dk, dv within
-2e-2 (bf16/f16 inputs), exact zeros on rows that see nothing.
+On the CPU the tests (1) lower forward and backward for CUDA with ``jax.export`` (the whole Pallas -> Mosaic GPU
+lowering runs here, shared-memory budget included; the final PTX compilation happens on the device) and check which
+inputs fall back to the Triton kernels; (2) run the kernels' traced bodies in ``mosaic_gpu_interpret`` (one thread per
+warpgroup, barriers counted) against XLA attention; (3) check that the interpreter catches a deadlocked barrier
+protocol. On a Hopper GPU the compiled kernels are compared with XLA. Outputs and dq, dk, dv within 2e-2 (bf16/f16
+inputs, compared in float32), exact zeros on rows that see nothing.
 """
+
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
+from jax import export, lax
+from jax.experimental import pallas as pl
 
 import cinema_kernels as ck
 from cinema_jax.attention import masks
 from cinema_jax.bench.attention import benchmark_mask
-from cinema_kernels import mosaic_gpu
+from cinema_kernels import _compat, mosaic_gpu, mosaic_gpu_interpret
 from tests.test_kernels import grads, kernel_masks, make_qkv, rel_err, xla
 
 SIZES = ck.default_block_sizes("mosaic_gpu")
@@ -69,6 +73,26 @@ def test_forward_and_backward_lower_to_mosaic_gpu(case):
   assert _targets(loss, spec, spec, spec, ids) == (3, 0)  # forward, dq, dk/dv
 
 
+# Backward tiles: 64 or 128 rows per CTA (one or two consumers) x 64 or 128 columns per list entry (one or two parts).
+BWD_TILES = [(64, 64), (128, 128), (64, 128), (128, 64)]
+
+
+@pytest.mark.parametrize("bwd", BWD_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_every_backward_tile_shape_lowers_to_mosaic_gpu(bwd):
+  length = 1000
+  spec = jax.ShapeDtypeStruct((1, length, 2, 128), jnp.bfloat16)
+  mask_of = _mask_of("ids", length)
+  sizes = ck.BlockSizes(128, 128, *bwd)
+
+  def loss(q, k, v):
+    f = lambda q, k, v: ck.block_sparse_attention(  # noqa: E731
+      q, k, v, mask_of(None), flavour="mosaic_gpu", interpret=False, block_sizes=sizes
+    )
+    return jax.grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+  assert _targets(loss, spec, spec, spec) == (3, 0)
+
+
 def test_inputs_outside_the_scope_run_the_triton_kernels():
   length = 256
   f32 = jax.ShapeDtypeStruct((1, length, 2, 64), jnp.float32)
@@ -83,13 +107,84 @@ def test_inputs_outside_the_scope_run_the_triton_kernels():
   assert _targets(run(), f32, f32, f32) == (0, 1)  # float32: no 16-bit WGMMA
   assert _targets(run(dense), bf16, bf16, bf16) == (0, 1)  # stored dense tiles
   assert _targets(run(None, ck.BlockSizes(64, 64)), bf16, bf16, bf16) == (0, 1)  # forward needs 128-row tiles
+  bwd_256 = ck.BlockSizes(128, 128, 256, 64)  # backward CTAs of 256 rows: more consumers than registers allow
+  assert (
+    mosaic_gpu.supports(
+      bf16, ck.prepare_mask(None, bf16, bf16, block_sizes=bwd_256, flavour="mosaic_gpu", interpret=False)
+    )
+    is False
+  )
   assert _targets(run(), bf16, bf16, bf16) == (1, 0)
 
 
-def test_interpret_mode_is_refused_with_a_reason():
-  q, k, v = make_qkv(0, 1, 128, 128, 1, 64, jnp.bfloat16)
-  with pytest.raises(NotImplementedError, match="no CPU interpret mode"):
-    ck.block_sparse_attention(q, k, v, None, flavour="mosaic_gpu", interpret=True)
+# ------------------------------------------------------------------------------------------------ interpret mode
+
+
+@pytest.mark.parametrize("name", ["segment_random", "block_causal", "hybrid", "goldenmem", "full"])
+def test_interpreted_kernels_match_xla_on_the_mask_zoo(name, rng):
+  b, length = 2, 300  # padded to 384: partial tiles check positions; fully masked rows in two of the masks
+  mask = kernel_masks(rng, length, b)[name]
+  q, k, v = make_qkv(1, b, length, length, 2, 64, jnp.bfloat16)
+  _check(q, k, v, mask, interpret=True)
+
+
+@pytest.mark.parametrize("bwd", BWD_TILES[1:], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_interpreted_backward_tiles_match_xla(bwd, rng):
+  # Two consumers share each listed block, and a listed 128-block may be empty for one of them or for one 64-part:
+  # the element mask (and padding) must still hide everything there.
+  b, length = 2, 300
+  mask = kernel_masks(rng, length, b)["hybrid"]
+  q, k, v = make_qkv(3, b, length, length, 2, 128, jnp.float16)
+  _check(q, k, v, mask, sizes=ck.BlockSizes(128, 128, *bwd), interpret=True)
+
+
+def _ring(x, consumer_releases: bool):
+  """A two-slot TMA ring walked four times: the kernels' producer/consumer protocol, small."""
+  plgpu = _compat.plgpu()
+
+  def body(x_ref, o_ref):
+    def scoped(ring, out, ready, used):
+      wg = lax.axis_index("wg")
+
+      @pl.when(wg == 0)
+      def _consumer():
+        for i in range(4):
+          plgpu.barrier_wait(ready.at[i % 2])
+          out[i] = ring[i % 2] * 2.0
+          if consumer_releases:
+            plgpu.barrier_arrive(used.at[i % 2])
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out, o_ref)
+        plgpu.wait_smem_to_gmem(0)
+
+      @pl.when(wg == 1)
+      def _producer():
+        for i in range(4):
+          if i >= 2:
+            plgpu.barrier_wait(used.at[i % 2])
+          plgpu.copy_gmem_to_smem(x_ref.at[i], ring.at[i % 2], ready.at[i % 2])
+
+    pl.run_scoped(
+      scoped,
+      plgpu.SMEM((2, 128), jnp.float32),
+      plgpu.SMEM((4, 128), jnp.float32),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=2),
+      collective_axes="wg",
+    )
+
+  kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype), num_threads=2, thread_name="wg")
+  return mosaic_gpu_interpret.interpret(kernel, x)
+
+
+def test_the_interpreter_runs_a_ring_and_catches_a_deadlock():
+  x = jnp.arange(4 * 128, dtype=jnp.float32).reshape(4, 128)
+  np.testing.assert_array_equal(_ring(x, consumer_releases=True), 2 * x)
+  before = threading.active_count()
+  # Without the consumer's releases the producer waits forever for slot 0: reported, not hung.
+  with pytest.raises(Exception, match="deadlock"):
+    jax.block_until_ready(_ring(x, consumer_releases=False))
+  assert threading.active_count() <= before
 
 
 def test_scope():
@@ -103,9 +198,12 @@ def test_scope():
 # ------------------------------------------------------------------------------------------------ on a Hopper GPU
 
 
-def _check(q, k, v, mask, tol=2e-2):
+def _check(q, k, v, mask, tol=2e-2, sizes=None, interpret=None):
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  ours = lambda q, k, v: ck.block_sparse_attention(q, k, v, mask, flavour="mosaic_gpu")  # noqa: E731
+
+  def ours(q, k, v):
+    return ck.block_sparse_attention(q, k, v, mask, flavour="mosaic_gpu", block_sizes=sizes, interpret=interpret)
+
   out = ours(q, k, v)
   ref = xla(*f32, mask)
   assert rel_err(out, ref) < tol
@@ -138,6 +236,18 @@ def test_matches_xla_on_the_benchmark_masks_head_dim_128(name):
   mask = benchmark_mask(name, length)
   q, k, v = make_qkv(2, 1, length, length, 4, 128, jnp.bfloat16)
   _check(q, k, v, mask)
+
+
+@needs_hopper
+@pytest.mark.parametrize("bwd", BWD_TILES[1:], ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("name", ["segment_random", "hybrid", "goldenmem"])
+def test_backward_tiles_match_xla(name, bwd, rng):
+  # Two consumers share each listed block, and a listed 128-block may be empty for one of them or for one 64-part:
+  # the element mask (and padding) must still hide everything there.
+  b, length = 2, 600
+  mask = kernel_masks(rng, length, b)[name]
+  q, k, v = make_qkv(3, b, length, length, 2, 128, jnp.bfloat16)
+  _check(q, k, v, mask, sizes=ck.BlockSizes(128, 128, *bwd))
 
 
 @needs_hopper

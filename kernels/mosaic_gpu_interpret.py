@@ -1,0 +1,433 @@
+"""Interpret mode of the Mosaic GPU kernels: their traced bodies run on the CPU, one Python thread per warpgroup.
+
+JAX's own Mosaic GPU interpreter cannot run these kernels (it lacks ``run_state`` accumulators, layout casts and
+transposed WGMMA operands), so this small one does, for the tests and for debugging on a machine without a Hopper
+GPU. It evaluates the kernel's jaxpr eagerly:
+
+* every CTA of the grid in turn; inside a CTA one thread per warpgroup, all sharing the ``run_scoped`` allocations
+  made collectively over the warpgroup axis (shared memory), each with its own accumulators;
+* shared-memory buffers hold the logical layout (swizzle and tiling transforms are layout only); index, slice and
+  transpose transforms are numpy views, so writes through them land in the buffer;
+* TMA copies complete when issued and then arrive on their barrier; ``wgmma`` multiplies in float32 at once; the
+  waits on copies and on WGMMA groups have nothing left to wait for;
+* barriers count phases. The n-th wait of a thread on a barrier returns once its n-th phase has completed. A wait
+  that finds the barrier two phases ahead, a barrier that completes a phase with more arrivals than it expects, and a
+  CTA whose threads all wait (deadlock) raise ``KernelProtocolError`` naming the barrier: on the GPU these hang
+  or race.
+
+Only what the kernels in ``mosaic_gpu.py`` use is covered; anything else raises ``NotImplementedError`` naming the
+primitive. It is slow (a few milliseconds per warpgroup step): test sizes only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend import core as jex_core
+
+from cinema_kernels import _compat
+
+_internals = _compat.mgpu_internals
+
+_DEADLOCK_SECONDS = 60.0
+
+
+class KernelProtocolError(RuntimeError):
+  """The kernel's barriers are used in a way that hangs or races on the GPU."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Barriers.
+
+
+class _Barriers:
+  """``n`` barriers of one allocation, each counting completed phases."""
+
+  def __init__(self, cta: _Cta, n: int, arrivals: int, name: str):
+    self.cta, self.arrivals, self.name = cta, arrivals, name
+    self.pending = [0] * n  # arrivals in the current phase
+    self.completed = [0] * n  # phases completed
+
+  def arrive(self, i: int) -> None:
+    with self.cta.cond:
+      self.pending[i] += 1
+      if self.pending[i] == self.arrivals:
+        self.pending[i] = 0
+        self.completed[i] += 1
+        self.cta.cond.notify_all()
+
+  def wait(self, i: int, thread: _Thread) -> None:
+    key = (id(self), i)
+    want = thread.waits.get(key, 0) + 1
+    with self.cta.cond:
+      if self.completed[i] > want:
+        raise KernelProtocolError(
+          f"{self.name}[{i}]: warpgroup {thread.wg} waits for phase {want} but {self.completed[i]} have completed "
+          "(a phase parity would be ambiguous on the GPU)"
+        )
+      self.cta.waits[thread.wg] = (self, i, want)
+      try:
+        while self.completed[i] < want:
+          self.cta.check(f"{self.name}[{i}] (warpgroup {thread.wg}, phase {want})")
+          self.cta.cond.wait(timeout=0.05)
+      finally:
+        del self.cta.waits[thread.wg]
+    thread.waits[key] = want
+
+
+class _BarrierSlot:
+  def __init__(self, barriers: _Barriers, index: int):
+    self.barriers, self.index = barriers, index
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Refs and transforms.
+
+
+def _transforms(tree: Any, leaves: Sequence[Any]) -> tuple:
+  if tree is None:
+    return ()
+  out = jax.tree_util.tree_unflatten(tree, list(leaves))
+  return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _index(idx: Any) -> Any:
+  if isinstance(idx, _internals().Slice):
+    start = int(np.asarray(idx.start))
+    return slice(start, start + idx.size * idx.stride, idx.stride)
+  value = np.asarray(idx)
+  if value.ndim:
+    raise NotImplementedError("array indexers on kernel refs are not supported in interpret mode")
+  return int(value)
+
+
+def _view(ref: Any, transforms: Sequence[Any]) -> Any:
+  """``ref`` seen through ``transforms``: numpy views of a buffer, or one barrier of an allocation."""
+  internals = _internals()
+  for t in transforms:
+    if isinstance(t, internals.layout_only):
+      continue  # buffers hold the logical layout
+    if isinstance(t, internals.NDIndexer):
+      idx = tuple(_index(i) for i in t.indices)
+      if isinstance(ref, _Barriers):
+        if len(idx) != 1 or not isinstance(idx[0], int):
+          raise NotImplementedError("barriers are indexed one at a time in interpret mode")
+        ref = _BarrierSlot(ref, idx[0])
+      else:
+        ref = ref[idx]
+    elif isinstance(t, internals.TransposeTransform):
+      ref = np.transpose(ref, t.permutation)
+    else:
+      raise NotImplementedError(f"ref transform {type(t).__name__} is not supported in interpret mode")
+  return ref
+
+
+def _barrier(ref: Any, transforms: Sequence[Any]) -> _BarrierSlot:
+  slot = _view(ref, transforms)
+  if isinstance(slot, _Barriers):
+    if len(slot.completed) != 1:
+      raise NotImplementedError("an array of barriers used without an index")
+    slot = _BarrierSlot(slot, 0)
+  return slot
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The interpreter.
+
+
+class _Cta:
+  """State shared by the warpgroup threads of one CTA."""
+
+  def __init__(self, axis_env: dict[str, int], threads: int):
+    self.axis_env, self.threads = axis_env, threads
+    self.cond = threading.Condition()
+    self.shared: dict[tuple[int, int], list[Any]] = {}
+    self.failed: BaseException | None = None
+    self.waits: dict[int, tuple[_Barriers, int, int]] = {}  # warpgroup -> (barriers, index, phase) it waits for
+    self.finished = 0
+
+  def check(self, what: str) -> None:
+    """Called with ``cond`` held by a waiting thread."""
+    if self.failed is not None:
+      raise KernelProtocolError(f"aborted while waiting on {what}: another warpgroup failed") from None
+    stuck = all(b.completed[i] < want for b, i, want in self.waits.values())
+    if stuck and len(self.waits) + self.finished == self.threads:
+      self.failed = KernelProtocolError(f"deadlock: every warpgroup waits or has finished; this one waits on {what}")
+      self.cond.notify_all()
+      raise self.failed
+
+
+class _Thread:
+  def __init__(self, cta: _Cta, wg: int, thread_name: str):
+    self.cta, self.wg, self.thread_name = cta, wg, thread_name
+    self.waits: dict[tuple[int, int], int] = {}
+    self.entered: dict[int, int] = {}
+
+  # -- allocation
+
+  def _allocate(self, aval: Any, transforms: Sequence[Any], name: str) -> Any:
+    inner = aval.inner_aval
+    if isinstance(inner.dtype, _internals().BarrierType):
+      return _Barriers(self.cta, inner.shape[0], inner.dtype.num_arrivals, name)
+    for t in transforms:
+      inner = t.transform_type(inner)
+    return np.zeros(inner.shape, inner.dtype)  # accumulators start at zero; shared memory is written before read
+
+  def eqn(self, eqn: Any, invals: list[Any]) -> Any:
+    name, p = eqn.primitive.name, eqn.params
+    handler = getattr(self, "_p_" + name.removesuffix("_p"), None)
+    if handler is not None:
+      return handler(eqn, invals)
+    if name in _NO_OPS:
+      return []
+    if name in _IDENTITY:
+      return invals if eqn.primitive.multiple_results else invals[0]
+    if any(isinstance(x, _Barriers) for x in invals) or "jaxpr" in p or "branches" in p:
+      raise NotImplementedError(f"primitive {name!r} is not supported by the Mosaic GPU interpret mode")
+    out = eqn.primitive.bind(*invals, **p)
+    return [np.asarray(x) for x in out] if eqn.primitive.multiple_results else np.asarray(out)
+
+  # Control flow.
+
+  def _p_jit(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    return self._closed(eqn.params["jaxpr"], invals)
+
+  _p_pjit = _p_jit
+
+  def _call(self, jaxpr: Any, args: Sequence[Any]) -> list[Any]:
+    env = dict(zip(jaxpr.invars, args, strict=True))
+    return self._eval_env(jaxpr, env)
+
+  def _eval_env(self, jaxpr: Any, env: dict[Any, Any]) -> list[Any]:
+    def read(v: Any) -> Any:
+      return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+    for eqn in jaxpr.eqns:
+      outs = self.eqn(eqn, [read(v) for v in eqn.invars])
+      if not eqn.primitive.multiple_results:
+        outs = [outs]
+      for v, x in zip(eqn.outvars, outs, strict=True):
+        env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+  def _closed(self, closed: Any, args: Sequence[Any]) -> list[Any]:
+    env = dict(zip(closed.jaxpr.constvars, closed.consts, strict=True))
+    env.update(zip(closed.jaxpr.invars, args, strict=True))
+    return self._eval_env(closed.jaxpr, env)
+
+  def _p_cond(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    index, *ops = invals
+    branches = eqn.params["branches"]
+    return self._closed(branches[int(np.clip(int(index), 0, len(branches) - 1))], ops)
+
+  def _p_while(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    p = eqn.params
+    cond_consts = invals[: p["cond_nconsts"]]
+    body_consts = invals[p["cond_nconsts"] : p["cond_nconsts"] + p["body_nconsts"]]
+    carry = invals[p["cond_nconsts"] + p["body_nconsts"] :]
+    while bool(self._closed(p["cond_jaxpr"], [*cond_consts, *carry])[0]):
+      carry = self._closed(p["body_jaxpr"], [*body_consts, *carry])
+    return carry
+
+  def _p_run_scoped(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    jaxpr = eqn.params["jaxpr"]
+    consts = invals
+    env = dict(zip(jaxpr.constvars, consts, strict=True))
+    ref_transforms = eqn.params.get("ref_transforms") or [()] * len(jaxpr.invars)
+    names = [f"{v.aval.inner_aval.str_short()} (allocation {n})" for n, v in enumerate(jaxpr.invars)]
+    if eqn.params.get("collective_axes"):
+      count = self.entered.get(id(eqn), 0)
+      self.entered[id(eqn)] = count + 1
+      with self.cta.cond:
+        allocs = self.cta.shared.get((id(eqn), count))
+        if allocs is None:
+          allocs = [self._allocate(v.aval, t, n) for v, t, n in zip(jaxpr.invars, ref_transforms, names, strict=True)]
+          self.cta.shared[(id(eqn), count)] = allocs
+    else:
+      allocs = [self._allocate(v.aval, t, n) for v, t, n in zip(jaxpr.invars, ref_transforms, names, strict=True)]
+    env.update(zip(jaxpr.invars, allocs, strict=True))
+    return self._eval_env(jaxpr, env)
+
+  def _p_run_state(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    # Values become fresh buffers (accumulators among them); refs the region closes over stay the same refs.
+    jaxpr = eqn.params["jaxpr"]
+    passed = [isinstance(v.aval, _internals().AbstractRef) for v in eqn.invars]
+    refs = [x if ref else np.array(x, copy=True) for x, ref in zip(invals, passed, strict=True)]
+    self._call(jaxpr, refs)
+    return refs
+
+  # Indices and memory.
+
+  def _p_axis_index(self, eqn: Any, invals: list[Any]) -> Any:
+    axis = eqn.params["axis_name"]
+    axis = axis[0] if isinstance(axis, tuple) and len(axis) == 1 else axis
+    if axis == self.thread_name:
+      return np.int32(self.wg)
+    return np.int32(self.cta.axis_env[axis])
+
+  def _p_get(self, eqn: Any, invals: list[Any]) -> Any:
+    ref, *leaves = invals
+    return np.array(_view(ref, _transforms(eqn.params["tree"], leaves)), copy=True)
+
+  _p_load = _p_get
+
+  def _p_swap(self, eqn: Any, invals: list[Any]) -> Any:
+    ref, value, *leaves = invals
+    view = _view(ref, _transforms(eqn.params["tree"], leaves))
+    old = np.array(view, copy=True)
+    view[...] = value
+    return old
+
+  def _p_copy_gmem_to_smem(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    p = eqn.params
+    src, dst, barrier, *leaves = invals
+    trees = (p["src_transforms_treedef"], p["dst_transforms_treedef"], p["barrier_transforms_treedef"])
+    sizes = [0 if t is None else t.num_leaves for t in trees]
+    src_t = _transforms(trees[0], leaves[: sizes[0]])
+    dst_t = _transforms(trees[1], leaves[sizes[0] : sizes[0] + sizes[1]])
+    bar_t = _transforms(trees[2], leaves[sizes[0] + sizes[1] :])
+    _view(dst, dst_t)[...] = _view(src, src_t)
+    if barrier is not None:
+      slot = _barrier(barrier, bar_t)
+      slot.barriers.arrive(slot.index)
+    return []
+
+  def _p_copy_smem_to_gmem(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    p = eqn.params
+    trees = (p["src_transforms_treedef"], p["dst_transforms_treedef"])
+    sizes = [0 if t is None else t.num_leaves for t in trees]
+    src, dst, *rest = invals
+    src_t = _transforms(trees[0], rest[: sizes[0]])
+    dst_t = _transforms(trees[1], rest[sizes[0] : sizes[0] + sizes[1]])
+    if p.get("has_user_predicate") and not bool(rest[sizes[0] + sizes[1]]):
+      return []
+    view, value = _view(dst, dst_t), _view(src, src_t)
+    if p.get("reduction_op") in (None, "add"):
+      with self.cta.cond:  # reductions from different CTAs are atomic on the GPU; here CTAs run one at a time
+        view[...] = (view + value) if p.get("reduction_op") == "add" else value
+    else:
+      raise NotImplementedError(f"TMA reduction {p['reduction_op']!r} is not supported in interpret mode")
+    return []
+
+  def _p_barrier_arrive(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    barrier, *leaves = invals
+    slot = _barrier(barrier, _transforms(eqn.params["transforms_treedef"], leaves))
+    slot.barriers.arrive(slot.index)
+    return []
+
+  def _p_barrier_wait(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    barrier, *leaves = invals
+    slot = _barrier(barrier, _transforms(eqn.params["transforms_treedef"], leaves))
+    slot.barriers.wait(slot.index, self)
+    return []
+
+  # Tensor cores.
+
+  def _p_wgmma_ref(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    p = eqn.params
+    acc, a, b, *leaves = invals
+    trees = (p["acc_transforms_tree"], p["a_transforms_tree"], p["b_transforms_tree"])
+    sizes = [0 if t is None else t.num_leaves for t in trees]
+    acc_t = _transforms(trees[0], leaves[: sizes[0]])
+    a_t = _transforms(trees[1], leaves[sizes[0] : sizes[0] + sizes[1]])
+    b_t = _transforms(trees[2], leaves[sizes[0] + sizes[1] :])
+    acc_view = _view(acc, acc_t)
+    a_val = np.asarray(_view(a, a_t), np.float32)
+    b_val = np.asarray(_view(b, b_t), np.float32)
+    acc_view[...] += a_val @ b_val
+    return []
+
+  def _p_wgmma_accumulator_deref(self, eqn: Any, invals: list[Any]) -> Any:
+    return np.array(invals[0], copy=True)
+
+
+_NO_OPS = {
+  "set_max_registers",
+  "set_max_registers_p",
+  "commit_smem",
+  "commit_group",
+  "wait_smem_to_gmem",
+  "wgmma_wait",
+  "wgmma_wait_p",
+}
+_IDENTITY = {"layout_cast", "optimization_barrier"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def _find_kernel(jaxpr: Any) -> Any:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "mpmd_map":
+      return eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if isinstance(inner, jex_core.Jaxpr):
+          found = _find_kernel(inner)
+          if found is not None:
+            return found
+  return None
+
+
+def _run_cta(body: Any, consts: Sequence[Any], refs: list[Any], axis_env: dict[str, int], mesh: Any) -> None:
+  cta = _Cta(axis_env, mesh.num_threads)
+  errors: list[BaseException] = []
+
+  def work(wg: int) -> None:
+    thread = _Thread(cta, wg, mesh.thread_name)
+    try:
+      env = dict(zip(body.constvars, consts, strict=True))
+      env.update(zip(body.invars, refs, strict=True))
+      thread._eval_env(body, env)
+    except BaseException as e:  # noqa: BLE001 - reported by the caller
+      errors.append(e)
+      with cta.cond:
+        cta.failed = cta.failed or e
+        cta.cond.notify_all()
+    finally:
+      with cta.cond:
+        cta.finished += 1
+        cta.cond.notify_all()
+
+  threads = [threading.Thread(target=work, args=(wg,), daemon=True) for wg in range(mesh.num_threads)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(_DEADLOCK_SECONDS)
+    if t.is_alive():
+      raise KernelProtocolError(f"CTA {axis_env}: a warpgroup did not finish within {_DEADLOCK_SECONDS} s")
+  if errors:
+    first = next((e for e in errors if not isinstance(e, KernelProtocolError)), errors[0])
+    raise first
+
+
+def interpret(kernel: Callable[..., Any], *args: jax.Array) -> Any:
+  """Runs ``kernel`` (a ``plgpu.kernel`` callable) on ``args`` with this interpreter; usable under ``jit``."""
+  closed = jax.make_jaxpr(kernel)(*args)
+  eqn = _find_kernel(closed.jaxpr)
+  if eqn is None:
+    raise ValueError("no Mosaic GPU kernel found in the traced call")
+  (body,), (mesh,) = eqn.params["jaxprs"], eqn.params["meshes"]
+  if getattr(mesh, "cluster", ()):
+    raise NotImplementedError("CTA clusters are not supported in interpret mode")
+  out_avals = tuple(eqn.params["out_avals"])
+  body_jaxpr = getattr(body, "jaxpr", body)
+  body_consts = list(getattr(body, "consts", ()))
+
+  def host(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    outs = [np.zeros(a.shape, a.dtype) for a in out_avals]
+    refs = [np.array(a, copy=True) for a in arrays] + outs
+    for point in itertools.product(*(range(n) for n in mesh.grid)):
+      _run_cta(body_jaxpr, body_consts, refs, dict(zip(mesh.grid_names, point, strict=True)), mesh)
+    return tuple(outs)
+
+  shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in out_avals)
+  outs = jax.pure_callback(host, shapes, *args)
+  return outs if len(outs) > 1 else outs[0]
