@@ -84,6 +84,7 @@ class KernelMask:
   kv_pad: int
   block_sizes: BlockSizes
   blocks_batched: bool  # mask_blocks has a batch axis (Bm = B) rather than one shared set (Bm = 1)
+  even_rows: bool = False  # every forward row lists as many tiles (known for concrete masks only)
 
   @property
   def batch(self) -> int:
@@ -112,7 +113,7 @@ class KernelMask:
 jax.tree_util.register_dataclass(
   KernelMask,
   data_fields=["fwd", "dq", "dkv", "q_ids", "kv_ids", "blocks_fwd", "blocks_bwd"],
-  meta_fields=["program", "q_len", "kv_len", "q_pad", "kv_pad", "block_sizes", "blocks_batched"],
+  meta_fields=["program", "q_len", "kv_len", "q_pad", "kv_pad", "block_sizes", "blocks_batched", "even_rows"],
 )
 
 
@@ -429,4 +430,5 @@ def prepare(mask: masks_lib.Mask | None, batch: int, q_len: int, kv_len: int, bl
     kv_pad=kv_pad,
     block_sizes=block_sizes,
     blocks_batched=bool(dense_mode and not concrete),
+    even_rows=bool(concrete and np.all(fwd.counts[..., 1] == fwd.counts[..., :1, 1])),
   )

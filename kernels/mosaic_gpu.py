@@ -13,6 +13,8 @@ mask; partial tiles evaluate the mask's expression on the ids of their rows (loa
 * **forward** (tiles 128 x 64/128): two consumers own 64 query rows each and take turns on the tensor cores through a
   schedule barrier (FlashAttention-3), so one's softmax overlaps the other's products. Writes the output and the
   log-sum-exp [B, H, L] in natural-log units; a row that sees no key ends with ``l = 0``: output 0, lse ``+inf``.
+  Persistent when every row lists as many tiles: one CTA per SM walks a share of the (row, head, sample) items, its
+  producer loading the next item's queries and first blocks while the consumers finish the current one.
 * **dq** (tiles ``block_q_bwd x block_kv_bwd``): per query block over its key blocks, ``p = exp(s - lse)``,
   ``dp = dO v^T``, ``ds = p (dp - delta)``, ``dq += ds k``.
 * **dk/dv** (same tiles, transposed lists): per key block over its query blocks (with dO, lse and delta),
@@ -35,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable
 
 import jax
@@ -234,12 +237,12 @@ def _smem(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
-def _kernel_call(body, cfg: _Static, out_type, n_rows: int, bsz: int, heads: int, consumers: int, interpret: bool):
+def _kernel_call(body, out_type, grid: dict[str, int], consumers: int, interpret: bool):
   call = _compat.mgpu_kernel(
-    functools.partial(body, cfg=cfg),
+    body,
     out_type=out_type,
-    grid=(heads, n_rows, bsz),
-    grid_names=("heads", "rows", "batch"),
+    grid=tuple(grid.values()),
+    grid_names=tuple(grid),
     num_threads=consumers + 1,
     thread_name="wg",
   )
@@ -250,21 +253,61 @@ def _kernel_call(body, cfg: _Static, out_type, n_rows: int, bsz: int, heads: int
   return call
 
 
+def _row_grid(n_rows: int, bsz: int, heads: int) -> dict[str, int]:
+  """One CTA per (head, row of tiles, sample)."""
+  return {"heads": heads, "rows": n_rows, "batch": bsz}
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Forward.
 
+FWD_CTAS_ENV = "CINEMA_MOSAIC_GPU_FWD_CTAS"
+_INTERPRET_CTAS = 3  # interpreted: few CTAs, so that each walks several items
+_ASSUMED_SMS = 132  # an H100 SXM, when no GPU is there to ask (lowering on the CPU)
 
-def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static):
+
+def forward_ctas(items: int, interpret: bool, even_rows: bool = True) -> int:
+  """CTAs of the forward, at most one per item: ``CINEMA_MOSAIC_GPU_FWD_CTAS`` if set; else one per SM when every
+  row lists as many tiles (a static round-robin is then balanced), one per item otherwise (the GPU's own CTA
+  scheduler balances uneven rows, e.g. causal ones, better than a fixed share would)."""
+  env = os.environ.get(FWD_CTAS_ENV, "").strip()
+  if env:
+    if not env.isdigit() or int(env) < 1:
+      raise ValueError(f"{FWD_CTAS_ENV} must be a positive integer, got {env!r}")
+    n = int(env)
+  elif interpret:
+    n = _INTERPRET_CTAS
+  elif not even_rows:
+    n = items
+  else:
+    device = jax.devices()[0]
+    n = (getattr(device, "core_count", None) if device.platform == "gpu" else None) or _ASSUMED_SMS
+  return max(1, min(items, n))
+
+
+def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static, ctas: int, heads: int, rows: int):
+  """Persistent: CTA ``c`` walks the items (row of tiles, head, sample) ``c, c + ctas, ...``, rows fastest.
+
+  The producer runs ahead across items: it loads the next item's query rows into the other of two query buffers and
+  its first key/value blocks into the ring while the consumers finish the current item and store its output, so a
+  short row (8 segments: 16 blocks) does not pay its start-up and its epilogue in sequence.
+  """
   plgpu = _compat.plgpu()
   id_refs, (o_ref, lse_ref) = refs[: len(refs) - 2], refs[len(refs) - 2 :]
-  b, hh, r = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("rows")
-  n_full, n_total = counts_ref[b, r, 0], counts_ref[b, r, 1]
-  entry = lambda s: index_ref[b, r, s]  # noqa: E731
   bkv, d = cfg.cols, cfg.head_dim
+  cta = lax.axis_index("ctas")
+  n_items = lax.div(jnp.int32(rows * heads * counts_ref.shape[0]) - cta + (ctas - 1), jnp.int32(ctas))
 
-  def scoped(smem, ready, used, turn):
-    qo_smem2, k_smem, v_smem, lse_smem2 = smem
-    k_ready, v_ready, q_ready = ready
+  def item(i):
+    """(sample, head, row, listed blocks (full, all), list entry) of this CTA's ``i``-th item."""
+    w = cta + i * ctas
+    r, t = lax.rem(w, jnp.int32(rows)), lax.div(w, jnp.int32(rows))
+    hh, b = lax.rem(t, jnp.int32(heads)), lax.div(t, jnp.int32(heads))
+    return b, hh, r, counts_ref[b, r, 0], counts_ref[b, r, 1], lambda s: index_ref[b, r, s]
+
+  def scoped(smem, ready, used, q_free, turn):
+    qo_smem, k_smem, v_smem, lse_smem = smem  # qo: [2 buffers, consumers, 64, D]
+    k_ready, v_ready, q_ready = ready  # q_ready[2 * buffer + consumer]
     k_used, v_used = used
     wg = lax.axis_index("wg")
 
@@ -275,93 +318,121 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static)
     @pl.when(wg < _FWD_CONSUMERS)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
-      qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
-      q_base = r * (_FWD_CONSUMERS * _ROWS) + wg * _ROWS
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, _ROWS), hh], qo_smem, q_ready.at[wg])
-      q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
-      plgpu.barrier_wait(q_ready.at[wg])
-      m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), _layout().reduce(1))
-      carry = (_zeros((_ROWS, d)), m, _zeros((_ROWS,)))
+      lse_own = lse_smem.at[wg]
 
-      @pl.when(n_total > 0)
-      def _():
-        plgpu.barrier_wait(k_ready.at[0])
+      def one_item(i, done):
+        b, hh, r, n_full, n_total, entry = item(i)
+        buf = lax.rem(i, jnp.int32(2))
+        qo_own = qo_smem.at[buf, wg]
+        q_base = r * (_FWD_CONSUMERS * _ROWS) + wg * _ROWS
+        q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
+        slot_of = lambda s: lax.rem(done + s, jnp.int32(_STEPS))  # noqa: E731 - the ring runs on across items
+        plgpu.barrier_wait(q_ready.at[2 * buf + wg])
+        m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), _layout().reduce(1))
+        carry = (_zeros((_ROWS, d)), m, _zeros((_ROWS,)))
 
-      pl.when(wg == 1)(take_turn)
+        @pl.when(n_total > 0)
+        def _():
+          plgpu.barrier_wait(k_ready.at[slot_of(0)])
 
-      def step(s, carry, masked: bool):
-        acc, m, denom = carry
-        slot = lax.rem(s, jnp.int32(_STEPS))
+        pl.when(wg == 1)(take_turn)
 
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          take_turn()
-          return acc_ref[...]
+        def step(s, carry, masked: bool):
+          acc, m, denom = carry
+          slot = slot_of(s)
 
-        scores = pl.run_scoped(qk, plgpu.ACC((_ROWS, bkv), jnp.float32))
-        plgpu.barrier_arrive(k_used.at[slot])
-        scores = scores * cfg.scale2
-        if masked:
-          kv_start = entry(s) * bkv
-          kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_start, bkv, _col_vec)
-          scores = _hide(scores, _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False))
-        m_new = jnp.maximum(m, scores.max(axis=1))
-        # A row with nothing visible yet keeps m = -inf; subtract 0 there so that exp2 gives 0, not NaN.
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-        alpha = jnp.exp2(m - m_safe)
-        p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, (0,)))
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
-        denom = denom * alpha + p.sum(axis=1)
-        p16 = p.astype(cfg.dtype)
-        acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
-        plgpu.barrier_arrive(turn)  # softmax done
-        plgpu.barrier_wait(v_ready.at[slot])
-        plgpu.barrier_wait(turn)  # tensor cores free
+          def qk(acc_ref):
+            plgpu.wgmma(acc_ref, qo_own, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            take_turn()
+            return acc_ref[...]
 
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          nxt = s + 1
+          scores = pl.run_scoped(qk, plgpu.ACC((_ROWS, bkv), jnp.float32))
+          plgpu.barrier_arrive(k_used.at[slot])
+          scores = scores * cfg.scale2
+          if masked:
+            kv_start = entry(s) * bkv
+            kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_start, bkv, _col_vec)
+            scores = _hide(scores, _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False))
+          m_new = jnp.maximum(m, scores.max(axis=1))
+          # A row with nothing visible yet keeps m = -inf; subtract 0 there so that exp2 gives 0, not NaN.
+          m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+          alpha = jnp.exp2(m - m_safe)
+          p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, (0,)))
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+          denom = denom * alpha + p.sum(axis=1)
+          p16 = p.astype(cfg.dtype)
+          acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
+          plgpu.barrier_arrive(turn)  # softmax done
+          plgpu.barrier_wait(v_ready.at[slot])
+          plgpu.barrier_wait(turn)  # tensor cores free
 
-          @pl.when(nxt < n_total)
-          def _():
-            plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(_STEPS))])
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            nxt = s + 1
 
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_used.at[slot])
-        return acc, m_new, denom
+            @pl.when(nxt < n_total)
+            def _():
+              plgpu.barrier_wait(k_ready.at[slot_of(nxt)])
 
-      acc, m, denom = _walk(n_full, n_total, step, carry)
-      pl.when(wg == 0)(take_turn)
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+          plgpu.barrier_arrive(v_used.at[slot])
+          return acc, m_new, denom
 
-      seen = denom > 0.0
-      safe = jnp.where(seen, denom, 1.0)
-      acc = acc * lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe, 0.0), acc.shape, (0,))
-      qo_smem[...] = acc.astype(cfg.dtype)
-      lse_smem[...] = jnp.where(seen, (m + jnp.log2(safe)) / _LOG2E, jnp.inf)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q_base, _ROWS), hh])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, hh, pl.ds(q_base, _ROWS)])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        acc, m, denom = _walk(n_full, n_total, step, carry)
+        pl.when(wg == 0)(take_turn)
+
+        seen = denom > 0.0
+        safe = jnp.where(seen, denom, 1.0)
+        acc = acc * lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe, 0.0), acc.shape, (0,))
+        qo_own[...] = acc.astype(cfg.dtype)
+        lse_own[...] = jnp.where(seen, (m + jnp.log2(safe)) / _LOG2E, jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_own, o_ref.at[b, pl.ds(q_base, _ROWS), hh])
+        plgpu.copy_smem_to_gmem(lse_own, lse_ref.at[b, hh, pl.ds(q_base, _ROWS)])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(q_free.at[buf])  # the producer may load a later item's queries here
+        return done + n_total
+
+      lax.fori_loop(0, n_items, one_item, jnp.int32(0))
 
     @pl.when(wg == _FWD_CONSUMERS)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
-      def fetch(kb, slot):
-        rows = (b, pl.ds(kb * bkv, bkv), hh)
-        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+      def one_item(i, done):
+        b, hh, r, _, n_total, entry = item(i)
+        buf = lax.rem(i, jnp.int32(2))
 
-      def used(slot):
-        plgpu.barrier_wait(k_used.at[slot])
-        plgpu.barrier_wait(v_used.at[slot])
+        @pl.when(i >= 2)
+        def _():
+          plgpu.barrier_wait(q_free.at[buf])
 
-      _produce(cfg, entry, n_total, fetch, used)
+        for c in range(_FWD_CONSUMERS):
+          q_rows = (b, pl.ds(r * (_FWD_CONSUMERS * _ROWS) + c * _ROWS, _ROWS), hh)
+          plgpu.copy_gmem_to_smem(q_ref.at[q_rows], qo_smem.at[buf, c], q_ready.at[2 * buf + c])
+
+        @pl.loop(0, n_total)
+        def _(s):
+          fetched = done + s
+          slot = lax.rem(fetched, jnp.int32(_STEPS))
+
+          @pl.when(fetched >= _STEPS)
+          def _():
+            plgpu.barrier_wait(k_used.at[slot])
+            plgpu.barrier_wait(v_used.at[slot])
+
+          kv_rows = (b, pl.ds(entry(s) * bkv, bkv), hh)
+          plgpu.copy_gmem_to_smem(k_ref.at[kv_rows], k_smem.at[slot], k_ready.at[slot])
+          plgpu.copy_gmem_to_smem(v_ref.at[kv_rows], v_smem.at[slot], v_ready.at[slot])
+
+        return done + n_total
+
+      lax.fori_loop(0, n_items, one_item, jnp.int32(0))
 
   pl.run_scoped(
     scoped,
     (
-      _smem((_FWD_CONSUMERS, _ROWS, d), cfg.dtype),
+      _smem((2, _FWD_CONSUMERS, _ROWS, d), cfg.dtype),
       _smem((_STEPS, bkv, d), cfg.dtype),
       _smem((_STEPS, bkv, d), cfg.dtype),
       plgpu.SMEM((_FWD_CONSUMERS, _ROWS), jnp.float32),
@@ -369,9 +440,10 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static)
     (
       plgpu.Barrier(num_barriers=_STEPS),
       plgpu.Barrier(num_barriers=_STEPS),
-      plgpu.Barrier(num_barriers=_FWD_CONSUMERS),
+      plgpu.Barrier(num_barriers=2 * _FWD_CONSUMERS),
     ),
     (plgpu.Barrier(num_arrivals=_FWD_CONSUMERS, num_barriers=_STEPS),) * 2,
+    plgpu.Barrier(num_arrivals=_FWD_CONSUMERS, num_barriers=2),
     plgpu.Barrier(num_arrivals=_FWD_CONSUMERS),
     collective_axes="wg",
   )
@@ -398,7 +470,10 @@ def forward(
   bq, bkv = km.block_sizes.fwd
   cfg = _static(km, km.fwd, _ROWS, bkv, scale, q)
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bsz, h, lq), jnp.float32))
-  out, lse = _kernel_call(_fwd_kernel, cfg, out_type, lq // bq, bsz, h, _FWD_CONSUMERS, interpret)(
+  items = bsz * h * (lq // bq)
+  ctas = forward_ctas(items, interpret, km.even_rows)
+  body = functools.partial(_fwd_kernel, cfg=cfg, ctas=ctas, heads=h, rows=lq // bq)
+  out, lse = _kernel_call(body, out_type, {"ctas": ctas}, _FWD_CONSUMERS, interpret)(
     *_lists(km.fwd), q, k, v, *_ids(km)
   )
   return out, lse, None
@@ -618,11 +693,15 @@ def backward(
   operands = (q, k, v, do, lse2, delta)
   cfg = _static(km, km.dq, _ROWS, _ROWS, scale, q, span=bkv, consumers=bq // _ROWS)
   dq = _kernel_call(
-    _dq_kernel, cfg, jax.ShapeDtypeStruct(q.shape, q.dtype), lq // bq, bsz, h, cfg.consumers, interpret
+    functools.partial(_dq_kernel, cfg=cfg),
+    jax.ShapeDtypeStruct(q.shape, q.dtype),
+    _row_grid(lq // bq, bsz, h),
+    cfg.consumers,
+    interpret,
   )(*_lists(km.dq), *operands, *_ids(km))
   cfg_t = _static(km, km.dkv, _ROWS, _ROWS, scale, q, span=bq, consumers=bkv // _ROWS)
   kv_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-  dk, dv = _kernel_call(_dkv_kernel, cfg_t, kv_type, lkv // bkv, bsz, h, cfg_t.consumers, interpret)(
-    *_lists(km.dkv), *operands, *_ids(km)
-  )
+  dk, dv = _kernel_call(
+    functools.partial(_dkv_kernel, cfg=cfg_t), kv_type, _row_grid(lkv // bkv, bsz, h), cfg_t.consumers, interpret
+  )(*_lists(km.dkv), *operands, *_ids(km))
   return dq, dk, dv, None

@@ -128,6 +128,43 @@ def test_interpreted_kernels_match_xla_on_the_mask_zoo(name, rng):
   _check(q, k, v, mask, interpret=True)
 
 
+@pytest.mark.parametrize("ctas", ["1", "4", "12"])
+def test_the_persistent_forward_walks_any_share_of_items(ctas, rng, monkeypatch):
+  # 12 items (2 samples x 2 heads x 3 rows of 128): one CTA walks them all, four walk 3 each, twelve walk one each.
+  # Items alternate query buffers and the key/value ring runs on across them.
+  monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, ctas)
+  assert mosaic_gpu.forward_ctas(12, interpret=True) == int(ctas)
+  b, length = 2, 300
+  keep = np.arange(length)[None] < np.array([[300], [100]])  # sample 1: rows 1 and 2 see nothing (empty items)
+  mask = kernel_masks(rng, length, b)["goldenmem"] & masks.padding_mask(keep)
+  q, k, v = make_qkv(4, b, length, length, 2, 64, jnp.bfloat16)
+  out = ck.block_sparse_attention(q, k, v, mask, flavour="mosaic_gpu", interpret=True)
+  ref = xla(*(x.astype(jnp.float32) for x in (q, k, v)), mask)
+  assert rel_err(out, ref) < 2e-2
+  assert np.all(np.asarray(out, np.float32)[1, 100:] == 0)
+
+
+def test_forward_ctas_follow_the_override_and_the_items(monkeypatch):
+  monkeypatch.delenv(mosaic_gpu.FWD_CTAS_ENV, raising=False)
+  if jax.default_backend() != "gpu":
+    assert mosaic_gpu.forward_ctas(3072, interpret=False) == 132  # no GPU to ask: an H100's SMs
+  assert mosaic_gpu.forward_ctas(5, interpret=False) == 5  # never more CTAs than items
+  assert mosaic_gpu.forward_ctas(3072, interpret=False, even_rows=False) == 3072  # uneven rows: one CTA per item
+  spec = jax.ShapeDtypeStruct((1, 1024, 2, 64), jnp.bfloat16)
+  even = [
+    ck.prepare_mask(m, spec, spec, block_sizes=SIZES, flavour="mosaic_gpu", interpret=False).even_rows
+    for m in (
+      None,
+      benchmark_mask("8-segment", 1024),
+      benchmark_mask("causal", 1024),
+    )
+  ]
+  assert even == [True, True, False]
+  monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, "zero")
+  with pytest.raises(ValueError, match="CINEMA_MOSAIC_GPU_FWD_CTAS must be a positive integer"):
+    mosaic_gpu.forward_ctas(8, interpret=False)
+
+
 @pytest.mark.parametrize("bwd", BWD_TILES[1:], ids=lambda t: f"{t[0]}x{t[1]}")
 def test_interpreted_backward_tiles_match_xla(bwd, rng):
   # Two consumers share each listed block, and a listed 128-block may be empty for one of them or for one 64-part:
