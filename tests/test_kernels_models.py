@@ -77,3 +77,37 @@ def test_video_dit_block_causal_pallas_equals_xla():
   make = lambda impl: video_dit.VideoDiT(**fields, causal_block_size=1, attention_implementation=impl)  # noqa: E731
   params = nn.meta.unbox(make("xla").init(jax.random.key(0), x, t, ctx))
   _compare(make, (x, t, ctx), params)
+
+
+def test_config_tiles_reach_the_kernel_through_the_model(monkeypatch):
+  """``attention.block_*`` of a config -> the model's ``attention_tiles`` -> every Pallas call the model traces."""
+  import ml_collections
+  import pytest
+
+  from cinema_jax.attention import config_tiles
+  from cinema_kernels import metadata
+
+  section = ml_collections.ConfigDict(dict(block_q=None, block_kv=None, block_q_bwd=None, block_kv_bwd=None))
+  assert config_tiles(section) is None  # the backend's defaults
+  section.block_kv = 32
+  with pytest.raises(ValueError, match="attention.block_q is unset"):
+    config_tiles(section)
+  section.block_q, section.block_kv_bwd = 16, 12
+  with pytest.raises(ValueError, match="block_kv_bwd must be a positive multiple of 8"):
+    config_tiles(section)
+  section.block_q_bwd, section.block_kv_bwd = 16, 16
+  tiles = config_tiles(section)
+  assert tiles == (16, 32, 16, 16)
+
+  seen = []
+  real = metadata.prepare
+  monkeypatch.setattr(metadata, "prepare", lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
+  fields = dict(width=32, heads=2, depth=1, ffn_dim=48, in_channels=4, out_channels=4, text_dim=24, freq_dim=16)
+  r = np.random.default_rng(2)
+  x = jnp.asarray(r.standard_normal((1, 2, 8, 8, 4)), jnp.float32)
+  t = jnp.asarray(r.integers(0, 1000, (1, 2)), jnp.float32)
+  ctx = jnp.asarray(r.standard_normal((1, 3, 24)), jnp.float32)
+  model = video_dit.VideoDiT(**fields, causal_block_size=1, attention_implementation="pallas", attention_tiles=tiles)
+  jax.eval_shape(model.init, jax.random.key(0), x, t, ctx)
+  assert seen and all(sizes == ck.BlockSizes(16, 32, 16, 16) for sizes in seen)
+  assert ck.default_block_sizes("mosaic_tpu") == ck.DEFAULT_BLOCK_SIZES["mosaic_tpu"]  # nothing leaks out

@@ -22,7 +22,9 @@ implementation, instead of the uniform average that a softmax over equal -inf-li
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,8 @@ import jax.numpy as jnp
 from cinema_jax.attention import masks as masks_lib
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+# Pallas kernel tiles: (block_q, block_kv, block_q_bwd, block_kv_bwd); the backward pair may be None (= forward).
+Tiles = tuple[int, int, "int | None", "int | None"]
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -177,3 +181,31 @@ def dot_product_attention(
     scale = q.shape[-1] ** -0.5
   name = implementation or best_implementation(q, mask)
   return _REGISTRY[name](q, k, v, mask, scale)
+
+
+def config_tiles(attention: Any) -> Tiles | None:
+  """The Pallas tiles of a config's ``attention`` section (``block_q``, ``block_kv``, ``block_q_bwd``,
+  ``block_kv_bwd``), checked; None when unset (each backend's defaults, ``cinema_kernels.DEFAULT_BLOCK_SIZES``)."""
+  names = ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd")
+  values = tuple(attention.get(name) for name in names)
+  if all(v is None for v in values):
+    return None
+  for name, value in zip(names[:2], values[:2], strict=True):
+    if value is None:
+      raise ValueError(f"attention.{name} is unset while other attention tiles are set: give block_q and block_kv")
+  from cinema_kernels import BlockSizes  # Pallas imports only when tiles are asked for
+
+  BlockSizes(*values)  # raises naming the field that is not a positive multiple of 8
+  return values
+
+
+@contextlib.contextmanager
+def kernel_tiles(tiles: Tiles | None) -> Iterator[None]:
+  """Pallas kernels traced inside use ``tiles`` (None: the backend's defaults); models enter it around their body."""
+  if tiles is None:
+    yield
+    return
+  from cinema_kernels import use_block_sizes
+
+  with use_block_sizes(*tiles):
+    yield

@@ -35,7 +35,7 @@ import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
 from cinema_jax import nn as cnn
-from cinema_jax.attention import dot_product_attention
+from cinema_jax.attention import Tiles, config_tiles, dot_product_attention, kernel_tiles
 from cinema_jax.models import keyframes_layout as kl
 from cinema_jax.parallel import axes
 
@@ -299,6 +299,7 @@ class MMDiT(nn.Module):
   global_mask: str = "full"
   remat_policy: str = "none"
   attention_implementation: str | None = None
+  attention_tiles: Tiles | None = None  # Pallas kernel tiles (config attention.block_*); None = the backend's
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -323,6 +324,7 @@ class MMDiT(nn.Module):
     fields = config.model.to_dict()
     fields["axes_dim"] = tuple(fields["axes_dim"])
     fields.setdefault("attention_implementation", config.attention.implementation)
+    fields.setdefault("attention_tiles", config_tiles(config.attention))
     fields.update(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
     fields.update(overrides)
     return cls(**fields)
@@ -331,8 +333,13 @@ class MMDiT(nn.Module):
   def local_blocks(self) -> int:
     return self.depth if self.num_local_blocks is None else self.num_local_blocks
 
+  def __call__(self, *args, **kwargs) -> jax.Array:
+    """See ``_forward``; the attention inside is traced with the module's kernel tiles."""
+    with kernel_tiles(self.attention_tiles):
+      return self._forward(*args, **kwargs)
+
   @nn.compact
-  def __call__(
+  def _forward(
     self,
     img: jax.Array,  # [B, N, C_in] packed latent tokens
     txt: jax.Array,  # [B, T, C_txt] text-encoder tokens

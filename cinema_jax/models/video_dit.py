@@ -40,7 +40,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from cinema_jax import nn as cnn
-from cinema_jax.attention import dot_product_attention, masks
+from cinema_jax.attention import Tiles, dot_product_attention, kernel_tiles, masks
 from cinema_jax.parallel import axes
 
 # Activation checkpointing per block. Tags below (checkpoint_name) name what "attention" keeps.
@@ -191,6 +191,7 @@ class VideoDiT(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None
+  attention_tiles: Tiles | None = None  # Pallas kernel tiles (config attention.block_*); None = the backend's
 
   @property
   def head_dim(self) -> int:
@@ -214,8 +215,13 @@ class VideoDiT(nn.Module):
     if self.fps_embedding and fps is None:
       raise ValueError("this model has an fps embedding: pass fps (class per sample, 0 = 16 fps, 1 = other)")
 
-  @nn.compact
   def __call__(self, x, t, context, fps=None):
+    """See ``_forward``; the attention inside is traced with the module's kernel tiles."""
+    with kernel_tiles(self.attention_tiles):
+      return self._forward(x, t, context, fps)
+
+  @nn.compact
+  def _forward(self, x, t, context, fps=None):
     t = jnp.asarray(t)
     self._check(x, t, context, fps)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

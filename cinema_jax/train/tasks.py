@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cinema_jax.attention import config_tiles
 from cinema_jax.diffusion import flow, forcing
 from cinema_jax.models import keyframes_layout as kl
 from cinema_jax.models import mmdit, video_dit
@@ -221,7 +222,11 @@ class VideoTask:
   def __post_init__(self):
     c = self.config
     self.model = video_dit.from_config(
-      c.model, dtype=c.dtype, param_dtype=c.param_dtype, attention_implementation=c.attention.implementation
+      c.model,
+      dtype=c.dtype,
+      param_dtype=c.param_dtype,
+      attention_implementation=c.attention.implementation,
+      attention_tiles=config_tiles(c.attention),
     )
     self.latent_shape = (c.sampling.latent_height, c.sampling.latent_width)
     self.text_len = c.sampling.text_len
