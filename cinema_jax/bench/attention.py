@@ -148,11 +148,14 @@ def run(
         if impl in ("cudnn", "pallas-triton") and jax.default_backend() != "gpu":
           continue
         fn = _attention_fn(impl, mask, name, length)
+        scheme = _kernel_scheme(q, mask) if impl == "pallas" and flavour == "mosaic_gpu" else None
         directions = [("fwd", jax.jit(fn))]
         if backward:
           directions.append(("fwd+bwd", jax.jit(_grad_fn(fn))))
         for direction, jitted in directions:
           record = dict(length=length, mask=name, density=density, tiles=tiles, impl=impl, direction=direction)
+          if scheme:
+            record["scheme"] = scheme
           try:
             seconds = timing.time_call(jitted, q, k, v, warmup=warmup, iters=iters)
             flops = attention_flops(length, heads, head_dim, batch, density, direction != "fwd")
@@ -166,9 +169,22 @@ def run(
   return records
 
 
+def _kernel_scheme(q: jax.Array, mask: masks.Mask | None) -> str:
+  """How the Mosaic GPU kernels run this mask: the forward's CTA count (persistent or one per item), backward tiles."""
+  from cinema_kernels import mosaic_gpu, prepare_mask
+
+  km = prepare_mask(mask, q, q, flavour="mosaic_gpu")
+  b, length, h, _ = q.shape
+  items = b * h * (km.q_pad // km.block_sizes.fwd[0])
+  ctas = mosaic_gpu.forward_ctas(items, interpret=False, even_rows=km.even_rows)
+  kind = "one per item" if ctas == items else "persistent"
+  return f"fwd {ctas} CTAs ({kind}), bwd tiles {km.block_sizes.bwd[0]}x{km.block_sizes.bwd[1]}"
+
+
 def _progress_line(r: dict[str, Any]) -> str:
   ms = "FAIL " + r["error"] if r.get("ms") is None else f"{r['ms']:.3f} ms"
-  return f"  L={r['length']} {r['mask']:<12} {r['impl']:<6} {r['direction']:<7} {ms}"
+  scheme = f"  [{r['scheme']}]" if r.get("scheme") else ""
+  return f"  L={r['length']} {r['mask']:<12} {r['impl']:<6} {r['direction']:<7} {ms}{scheme}"
 
 
 def _add_ratios(records: list[dict[str, Any]]) -> None:
