@@ -84,7 +84,7 @@ class KernelMask:
   kv_pad: int
   block_sizes: BlockSizes
   blocks_batched: bool  # mask_blocks has a batch axis (Bm = B) rather than one shared set (Bm = 1)
-  even_rows: bool = False  # every forward row lists as many tiles (known for concrete masks only)
+  even_rows: bool = False  # every forward row of each sample lists as many tiles (concrete masks only)
 
   @property
   def batch(self) -> int:

@@ -2,7 +2,8 @@
 
 Letters: B batch, H heads, L length, D head dim, R rows of tiles, S list length, N id leaves.
 
-Every kernel is one CTA per (head, row of tiles, sample) with a **producer** warpgroup that walks the row's tile list
+Every kernel walks rows of tiles (the backward: one CTA per (head, row of tiles, sample); the forward: a list of CTAs
+that walk such items in turn) with a **producer** warpgroup that walks the row's tile list
 (``TileLists``: full tiles first, then partial ones) and issues TMA copies of the listed blocks into a ring of
 ``steps`` shared-memory slots, refilling a slot once its consumers arrive on its "used" barrier, and **consumer**
 warpgroups that walk the same list: WGMMA products from shared memory, the softmax in registers (base 2, with
@@ -13,8 +14,9 @@ mask; partial tiles evaluate the mask's expression on the ids of their rows (loa
 * **forward** (tiles 128 x 64/128): two consumers own 64 query rows each and take turns on the tensor cores through a
   schedule barrier (FlashAttention-3), so one's softmax overlaps the other's products. Writes the output and the
   log-sum-exp [B, H, L] in natural-log units; a row that sees no key ends with ``l = 0``: output 0, lse ``+inf``.
-  Persistent when every row lists as many tiles: one CTA per SM walks a share of the (row, head, sample) items, its
-  producer loading the next item's queries and first blocks while the consumers finish the current one.
+  A list of CTAs walks the (row, head, sample) items: one CTA per item by default, or persistent (one per SM walking
+  a share of the items, its producer loading the next item's queries and first blocks while the consumers finish
+  the current one); see ``forward_ctas``.
 * **dq** (tiles ``block_q_bwd x block_kv_bwd``): per query block over its key blocks, ``p = exp(s - lse)``,
   ``dp = dO v^T``, ``ds = p (dp - delta)``, ``dq += ds k``.
 * **dk/dv** (same tiles, transposed lists): per key block over its query blocks (with dO, lse and delta),
@@ -264,24 +266,38 @@ def _row_grid(n_rows: int, bsz: int, heads: int) -> dict[str, int]:
 FWD_CTAS_ENV = "CINEMA_MOSAIC_GPU_FWD_CTAS"
 _INTERPRET_CTAS = 3  # interpreted: few CTAs, so that each walks several items
 _ASSUMED_SMS = 132  # an H100 SXM, when no GPU is there to ask (lowering on the CPU)
+# Persistent forward for even rows by default: off until a Hopper run has timed it against one CTA per item (the
+# scheme the H100 figures in docs/kernels.md were measured with). ``CINEMA_MOSAIC_GPU_FWD_CTAS=sm`` turns it on.
+PERSISTENT_BY_DEFAULT = False
+
+
+def _sm_count() -> int:
+  device = jax.devices()[0]
+  return (getattr(device, "core_count", None) if device.platform == "gpu" else None) or _ASSUMED_SMS
 
 
 def forward_ctas(items: int, interpret: bool, even_rows: bool = True) -> int:
-  """CTAs of the forward, at most one per item: ``CINEMA_MOSAIC_GPU_FWD_CTAS`` if set; else one per SM when every
-  row lists as many tiles (a static round-robin is then balanced), one per item otherwise (the GPU's own CTA
-  scheduler balances uneven rows, e.g. causal ones, better than a fixed share would)."""
+  """CTAs of the forward, at most one per item.
+
+  ``CINEMA_MOSAIC_GPU_FWD_CTAS``: a count, or ``sm`` (one per SM: persistent). Unset: three when interpreted (so that
+  each CTA walks several items); one per SM when ``PERSISTENT_BY_DEFAULT`` and every row lists as many tiles (a
+  static round-robin is then balanced); else one per item (the GPU's own CTA scheduler balances uneven rows, e.g.
+  causal ones, better than a fixed share would).
+  """
   env = os.environ.get(FWD_CTAS_ENV, "").strip()
   if env:
-    if not env.isdigit() or int(env) < 1:
-      raise ValueError(f"{FWD_CTAS_ENV} must be a positive integer, got {env!r}")
-    n = int(env)
+    if env == "sm":
+      n = _sm_count()
+    elif env.isdigit() and int(env) >= 1:
+      n = int(env)
+    else:
+      raise ValueError(f"{FWD_CTAS_ENV} must be a positive integer or 'sm', got {env!r}")
   elif interpret:
     n = _INTERPRET_CTAS
-  elif not even_rows:
-    n = items
+  elif PERSISTENT_BY_DEFAULT and even_rows:
+    n = _sm_count()
   else:
-    device = jax.devices()[0]
-    n = (getattr(device, "core_count", None) if device.platform == "gpu" else None) or _ASSUMED_SMS
+    n = items
   return max(1, min(items, n))
 
 
@@ -307,7 +323,7 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
 
   def scoped(smem, ready, used, q_free, turn):
     qo_smem, k_smem, v_smem, lse_smem = smem  # qo: [2 buffers, consumers, 64, D]
-    k_ready, v_ready, q_ready = ready  # q_ready[2 * buffer + consumer]
+    k_ready, v_ready, q_ready = ready  # q_ready[buffer * consumers + consumer]
     k_used, v_used = used
     wg = lax.axis_index("wg")
 
@@ -327,7 +343,7 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
         q_base = r * (_FWD_CONSUMERS * _ROWS) + wg * _ROWS
         q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
         slot_of = lambda s: lax.rem(done + s, jnp.int32(_STEPS))  # noqa: E731 - the ring runs on across items
-        plgpu.barrier_wait(q_ready.at[2 * buf + wg])
+        plgpu.barrier_wait(q_ready.at[buf * _FWD_CONSUMERS + wg])
         m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), _layout().reduce(1))
         carry = (_zeros((_ROWS, d)), m, _zeros((_ROWS,)))
 
@@ -409,7 +425,7 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
 
         for c in range(_FWD_CONSUMERS):
           q_rows = (b, pl.ds(r * (_FWD_CONSUMERS * _ROWS) + c * _ROWS, _ROWS), hh)
-          plgpu.copy_gmem_to_smem(q_ref.at[q_rows], qo_smem.at[buf, c], q_ready.at[2 * buf + c])
+          plgpu.copy_gmem_to_smem(q_ref.at[q_rows], qo_smem.at[buf, c], q_ready.at[buf * _FWD_CONSUMERS + c])
 
         @pl.loop(0, n_total)
         def _(s):

@@ -5,15 +5,22 @@ transposed WGMMA operands), so this small one does, for the tests and for debugg
 GPU. It evaluates the kernel's jaxpr eagerly:
 
 * every CTA of the grid in turn; inside a CTA one thread per warpgroup, all sharing the ``run_scoped`` allocations
-  made collectively over the warpgroup axis (shared memory), each with its own accumulators;
-* shared-memory buffers hold the logical layout (swizzle and tiling transforms are layout only); index, slice and
-  transpose transforms are numpy views, so writes through them land in the buffer;
-* TMA copies complete when issued and then arrive on their barrier; ``wgmma`` multiplies in float32 at once; the
-  waits on copies and on WGMMA groups have nothing left to wait for;
-* barriers count phases. The n-th wait of a thread on a barrier returns once its n-th phase has completed. A wait
-  that finds the barrier two phases ahead, a barrier that completes a phase with more arrivals than it expects, and a
-  CTA whose threads all wait (deadlock) raise ``KernelProtocolError`` naming the barrier: on the GPU these hang
-  or race.
+  made collectively over the warpgroup axis (shared memory), each with its own accumulators (zeros);
+* shared-memory buffers hold the logical layout (swizzle and tiling transforms are layout only) and start as NaN
+  (integers: their minimum), as garbage would on the GPU; index, slice and transpose transforms are numpy views, so
+  writes through them land in the buffer;
+* a TMA load poisons its destination (NaN) when issued and arrives on its barrier; its data lands when a thread's
+  wait observes that phase, so a read that skips the wait sees NaN. A TMA store reads shared memory only when its
+  thread waits for it (``wait_smem_to_gmem``, or at the end), and a thread that releases a barrier with stores still
+  pending yields first, so overwriting the source too early shows; storing,
+  or feeding a WGMMA, from shared memory written since the thread's last ``commit_smem`` raises;
+* ``wgmma`` multiplies in float32 at once (its waits have nothing left to wait for);
+* barriers count phases. The n-th wait of a thread on a barrier returns once its n-th phase has completed. A barrier
+  two phases ahead of a waiter (an ambiguous parity on the GPU: a hang or a missed phase), a warpgroup arriving twice
+  in one phase of a barrier that expects several, and a CTA whose warpgroups all wait (a deadlock) raise
+  ``KernelProtocolError`` naming the barrier.
+
+What it cannot see: timing, register pressure, and orderings the barriers leave open beyond the ones above.
 
 Only what the kernels in ``mosaic_gpu.py`` use is covered; anything else raises ``NotImplementedError`` naming the
 primitive. It is slow (a few milliseconds per warpgroup step): test sizes only.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,7 +42,18 @@ from cinema_kernels import _compat
 
 _internals = _compat.mgpu_internals
 
-_DEADLOCK_SECONDS = 60.0
+_RELEASE_PAUSE = 0.01  # seconds a thread yields after releasing a barrier with TMA stores pending
+_STALL_SECONDS = 60.0  # no barrier moved and no warpgroup finished for this long: reported as a hang
+
+
+def _poison(view: np.ndarray) -> None:
+  view[...] = np.iinfo(view.dtype).min if view.dtype.kind in "iu" else np.nan  # floats, bfloat16 included
+
+
+def _root(view: Any) -> Any:
+  while isinstance(view, np.ndarray) and view.base is not None:
+    view = view.base
+  return view
 
 
 class KernelProtocolError(RuntimeError):
@@ -51,32 +70,49 @@ class _Barriers:
   def __init__(self, cta: _Cta, n: int, arrivals: int, name: str):
     self.cta, self.arrivals, self.name = cta, arrivals, name
     self.pending = [0] * n  # arrivals in the current phase
+    self.arrived: list[set[int]] = [set() for _ in range(n)]  # warpgroups that arrived in the current phase
     self.completed = [0] * n  # phases completed
+    self.loads: list[dict[int, list]] = [{} for _ in range(n)]  # phase -> TMA loads (dst, data) landing with it
 
-  def arrive(self, i: int) -> None:
+  def arrive(self, i: int, wg: int | None = None, load: tuple | None = None) -> None:
+    """One arrival, by warpgroup ``wg`` (None: a TMA load's, which brings ``load`` with it)."""
     with self.cta.cond:
+      if wg is not None and self.arrivals > 1:
+        if wg in self.arrived[i]:
+          raise KernelProtocolError(
+            f"{self.name}[{i}]: warpgroup {wg} arrives twice in phase {self.completed[i] + 1}, which expects "
+            f"{self.arrivals} arrivals (the other warpgroups' would then complete a later phase)"
+          )
+        self.arrived[i].add(wg)
+      if load is not None:
+        self.loads[i].setdefault(self.completed[i] + 1, []).append(load)
       self.pending[i] += 1
       if self.pending[i] == self.arrivals:
         self.pending[i] = 0
+        self.arrived[i].clear()
         self.completed[i] += 1
-        self.cta.cond.notify_all()
+        self.cta.progress()
 
   def wait(self, i: int, thread: _Thread) -> None:
     key = (id(self), i)
     want = thread.waits.get(key, 0) + 1
+    where = f"{self.name}[{i}] (warpgroup {thread.wg}, phase {want})"
     with self.cta.cond:
-      if self.completed[i] > want:
-        raise KernelProtocolError(
-          f"{self.name}[{i}]: warpgroup {thread.wg} waits for phase {want} but {self.completed[i]} have completed "
-          "(a phase parity would be ambiguous on the GPU)"
-        )
       self.cta.waits[thread.wg] = (self, i, want)
       try:
         while self.completed[i] < want:
-          self.cta.check(f"{self.name}[{i}] (warpgroup {thread.wg}, phase {want})")
+          self.cta.check(where)
           self.cta.cond.wait(timeout=0.05)
       finally:
         del self.cta.waits[thread.wg]
+      if self.completed[i] > want:
+        raise KernelProtocolError(
+          f"{where}: {self.completed[i]} phases have completed (a parity two phases ahead: the GPU would hang or "
+          "miss the phase)"
+        )
+      for phase in [p for p in self.loads[i] if p <= want]:  # the TMA loads of the observed phases land
+        for dst, data in self.loads[i].pop(phase):
+          dst[...] = data
     thread.waits[key] = want
 
 
@@ -150,6 +186,13 @@ class _Cta:
     self.failed: BaseException | None = None
     self.waits: dict[int, tuple[_Barriers, int, int]] = {}  # warpgroup -> (barriers, index, phase) it waits for
     self.finished = 0
+    self.smem: set[int] = set()  # ids of the shared-memory buffers
+    self.moved = time.monotonic()
+
+  def progress(self) -> None:
+    """Called with ``cond`` held whenever a barrier completes a phase or a warpgroup finishes."""
+    self.moved = time.monotonic()
+    self.cond.notify_all()
 
   def check(self, what: str) -> None:
     """Called with ``cond`` held by a waiting thread."""
@@ -167,6 +210,22 @@ class _Thread:
     self.cta, self.wg, self.thread_name = cta, wg, thread_name
     self.waits: dict[tuple[int, int], int] = {}
     self.entered: dict[int, int] = {}
+    self.stores: list[tuple[Any, Any, str | None]] = []  # TMA stores issued, not yet waited for
+    self.dirty: set[int] = set()  # shared-memory buffers written since this thread's last commit_smem
+
+  def flush_stores(self, keep: int = 0) -> None:
+    """The TMA stores read their sources now: all but the ``keep`` most recent."""
+    done, self.stores = self.stores[: len(self.stores) - keep], self.stores[len(self.stores) - keep :]
+    for dst, src, reduction in done:
+      with self.cta.cond:  # reductions from different CTAs are atomic on the GPU; here CTAs run one at a time
+        dst[...] = (dst + src) if reduction == "add" else src
+
+  def check_committed(self, view: Any, what: str) -> None:
+    if id(_root(view)) in self.dirty:
+      raise KernelProtocolError(
+        f"warpgroup {self.wg}: {what} reads shared memory it wrote without commit_smem (the async proxy may see stale "
+        "data)"
+      )
 
   # -- allocation
 
@@ -176,7 +235,11 @@ class _Thread:
       return _Barriers(self.cta, inner.shape[0], inner.dtype.num_arrivals, name)
     for t in transforms:
       inner = t.transform_type(inner)
-    return np.zeros(inner.shape, inner.dtype)  # accumulators start at zero; shared memory is written before read
+    buffer = np.zeros(inner.shape, inner.dtype)  # accumulators start at zero
+    if str(aval.memory_space) == "smem":
+      _poison(buffer)
+      self.cta.smem.add(id(buffer))
+    return buffer
 
   def eqn(self, eqn: Any, invals: list[Any]) -> Any:
     name, p = eqn.primitive.name, eqn.params
@@ -281,6 +344,8 @@ class _Thread:
     view = _view(ref, _transforms(eqn.params["tree"], leaves))
     old = np.array(view, copy=True)
     view[...] = value
+    if id(_root(view)) in self.cta.smem:
+      self.dirty.add(id(_root(view)))
     return old
 
   def _p_copy_gmem_to_smem(self, eqn: Any, invals: list[Any]) -> list[Any]:
@@ -291,10 +356,15 @@ class _Thread:
     src_t = _transforms(trees[0], leaves[: sizes[0]])
     dst_t = _transforms(trees[1], leaves[sizes[0] : sizes[0] + sizes[1]])
     bar_t = _transforms(trees[2], leaves[sizes[0] + sizes[1] :])
-    _view(dst, dst_t)[...] = _view(src, src_t)
-    if barrier is not None:
-      slot = _barrier(barrier, bar_t)
-      slot.barriers.arrive(slot.index)
+    if p.get("collective_axes") or p.get("leader_tracked") is not None:
+      raise NotImplementedError("multicast (cluster-collective) TMA loads are not supported in interpret mode")
+    view, data = _view(dst, dst_t), np.array(_view(src, src_t), copy=True)
+    if barrier is None:
+      view[...] = data
+      return []
+    _poison(view)
+    slot = _barrier(barrier, bar_t)
+    slot.barriers.arrive(slot.index, load=(view, data))
     return []
 
   def _p_copy_smem_to_gmem(self, eqn: Any, invals: list[Any]) -> list[Any]:
@@ -306,18 +376,29 @@ class _Thread:
     dst_t = _transforms(trees[1], rest[sizes[0] : sizes[0] + sizes[1]])
     if p.get("has_user_predicate") and not bool(rest[sizes[0] + sizes[1]]):
       return []
-    view, value = _view(dst, dst_t), _view(src, src_t)
-    if p.get("reduction_op") in (None, "add"):
-      with self.cta.cond:  # reductions from different CTAs are atomic on the GPU; here CTAs run one at a time
-        view[...] = (view + value) if p.get("reduction_op") == "add" else value
-    else:
+    if p.get("reduction_op") not in (None, "add"):
       raise NotImplementedError(f"TMA reduction {p['reduction_op']!r} is not supported in interpret mode")
+    source = _view(src, src_t)
+    self.check_committed(source, "a TMA store")
+    self.stores.append((_view(dst, dst_t), source, p.get("reduction_op")))
+    return []
+
+  def _p_wait_smem_to_gmem(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    self.flush_stores(keep=int(invals[0]))
+    return []
+
+  def _p_commit_smem(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    self.dirty.clear()
     return []
 
   def _p_barrier_arrive(self, eqn: Any, invals: list[Any]) -> list[Any]:
     barrier, *leaves = invals
     slot = _barrier(barrier, _transforms(eqn.params["transforms_treedef"], leaves))
-    slot.barriers.arrive(slot.index)
+    slot.barriers.arrive(slot.index, wg=self.wg)
+    if self.stores:
+      # Released with stores still pending: let the woken warpgroups act first, so that one refilling a store's
+      # source before the store has read it (a race on the GPU) shows in the stored data.
+      time.sleep(_RELEASE_PAUSE)
     return []
 
   def _p_barrier_wait(self, eqn: Any, invals: list[Any]) -> list[Any]:
@@ -337,8 +418,10 @@ class _Thread:
     a_t = _transforms(trees[1], leaves[sizes[0] : sizes[0] + sizes[1]])
     b_t = _transforms(trees[2], leaves[sizes[0] + sizes[1] :])
     acc_view = _view(acc, acc_t)
-    a_val = np.asarray(_view(a, a_t), np.float32)
-    b_val = np.asarray(_view(b, b_t), np.float32)
+    a_view, b_view = _view(a, a_t), _view(b, b_t)
+    self.check_committed(a_view, "a WGMMA operand")
+    self.check_committed(b_view, "a WGMMA operand")
+    a_val, b_val = np.asarray(a_view, np.float32), np.asarray(b_view, np.float32)
     acc_view[...] += a_val @ b_val
     return []
 
@@ -346,15 +429,7 @@ class _Thread:
     return np.array(invals[0], copy=True)
 
 
-_NO_OPS = {
-  "set_max_registers",
-  "set_max_registers_p",
-  "commit_smem",
-  "commit_group",
-  "wait_smem_to_gmem",
-  "wgmma_wait",
-  "wgmma_wait_p",
-}
+_NO_OPS = {"set_max_registers", "set_max_registers_p", "commit_group", "wgmma_wait", "wgmma_wait_p"}
 _IDENTITY = {"layout_cast", "optimization_barrier"}
 
 
@@ -378,7 +453,6 @@ def _find_kernel(jaxpr: Any) -> Any:
 
 def _run_cta(body: Any, consts: Sequence[Any], refs: list[Any], axis_env: dict[str, int], mesh: Any) -> None:
   cta = _Cta(axis_env, mesh.num_threads)
-  errors: list[BaseException] = []
 
   def work(wg: int) -> None:
     thread = _Thread(cta, wg, mesh.thread_name)
@@ -386,26 +460,30 @@ def _run_cta(body: Any, consts: Sequence[Any], refs: list[Any], axis_env: dict[s
       env = dict(zip(body.constvars, consts, strict=True))
       env.update(zip(body.invars, refs, strict=True))
       thread._eval_env(body, env)
+      thread.flush_stores()  # the kernel's end waits for its stores
     except BaseException as e:  # noqa: BLE001 - reported by the caller
-      errors.append(e)
       with cta.cond:
-        cta.failed = cta.failed or e
+        cta.failed = cta.failed or e  # the first failure is the cause; the others are aborts it caused
         cta.cond.notify_all()
     finally:
       with cta.cond:
         cta.finished += 1
-        cta.cond.notify_all()
+        cta.progress()
 
   threads = [threading.Thread(target=work, args=(wg,), daemon=True) for wg in range(mesh.num_threads)]
   for t in threads:
     t.start()
-  for t in threads:
-    t.join(_DEADLOCK_SECONDS)
-    if t.is_alive():
-      raise KernelProtocolError(f"CTA {axis_env}: a warpgroup did not finish within {_DEADLOCK_SECONDS} s")
-  if errors:
-    first = next((e for e in errors if not isinstance(e, KernelProtocolError)), errors[0])
-    raise first
+  while alive := [t for t in threads if t.is_alive()]:
+    alive[0].join(0.5)
+    with cta.cond:
+      if time.monotonic() - cta.moved > _STALL_SECONDS and cta.failed is None:
+        cta.failed = KernelProtocolError(
+          f"CTA {axis_env}: no barrier moved and no warpgroup finished for {_STALL_SECONDS:.0f} s (a hang)"
+        )
+        cta.cond.notify_all()
+        break  # waiting threads abort; one stuck outside a barrier is left behind (a daemon)
+  if cta.failed is not None:
+    raise cta.failed
 
 
 def interpret(kernel: Callable[..., Any], *args: jax.Array) -> Any:
@@ -417,9 +495,15 @@ def interpret(kernel: Callable[..., Any], *args: jax.Array) -> Any:
   (body,), (mesh,) = eqn.params["jaxprs"], eqn.params["meshes"]
   if getattr(mesh, "cluster", ()):
     raise NotImplementedError("CTA clusters are not supported in interpret mode")
+  if eqn.params.get("input_output_aliases"):
+    raise NotImplementedError("kernels with aliased inputs and outputs are not supported in interpret mode")
   out_avals = tuple(eqn.params["out_avals"])
   body_jaxpr = getattr(body, "jaxpr", body)
   body_consts = list(getattr(body, "consts", ()))
+  if len(body_jaxpr.invars) != len(args) + len(out_avals):
+    raise NotImplementedError(
+      f"the kernel takes {len(body_jaxpr.invars)} refs, not its {len(args)} operands and {len(out_avals)} outputs"
+    )
 
   def host(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     outs = [np.zeros(a.shape, a.dtype) for a in out_avals]
@@ -429,5 +513,5 @@ def interpret(kernel: Callable[..., Any], *args: jax.Array) -> Any:
     return tuple(outs)
 
   shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in out_avals)
-  outs = jax.pure_callback(host, shapes, *args)
+  outs = jax.pure_callback(host, shapes, *args, vmap_method="sequential")
   return outs if len(outs) > 1 else outs[0]

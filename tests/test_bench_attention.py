@@ -24,7 +24,11 @@ def test_quick_run_times_every_mask_with_ratios(tmp_path, capsys):
   assert "x ref dense" in capsys.readouterr().out
 
 
-def test_the_scheme_follows_the_rows_of_the_mask():
+def test_the_scheme_follows_the_rows_of_the_mask(monkeypatch):
+  from cinema_kernels import mosaic_gpu
+
+  monkeypatch.delenv(mosaic_gpu.FWD_CTAS_ENV, raising=False)
+  monkeypatch.setattr(mosaic_gpu, "PERSISTENT_BY_DEFAULT", True)
   q = jax.ShapeDtypeStruct((1, 4096, 24, 128), jnp.bfloat16)
   even = bench._kernel_scheme(q, bench.benchmark_mask("8-segment", 4096))
   uneven = bench._kernel_scheme(q, bench.benchmark_mask("frame-causal", 4096))

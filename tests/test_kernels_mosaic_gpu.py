@@ -146,10 +146,17 @@ def test_the_persistent_forward_walks_any_share_of_items(ctas, rng, monkeypatch)
 
 def test_forward_ctas_follow_the_override_and_the_items(monkeypatch):
   monkeypatch.delenv(mosaic_gpu.FWD_CTAS_ENV, raising=False)
+  sms = mosaic_gpu._sm_count()
   if jax.default_backend() != "gpu":
-    assert mosaic_gpu.forward_ctas(3072, interpret=False) == 132  # no GPU to ask: an H100's SMs
-  assert mosaic_gpu.forward_ctas(5, interpret=False) == 5  # never more CTAs than items
+    assert sms == 132  # no GPU to ask: an H100's SMs
+  assert mosaic_gpu.forward_ctas(3072, interpret=False) == (sms if mosaic_gpu.PERSISTENT_BY_DEFAULT else 3072)
+  monkeypatch.setattr(mosaic_gpu, "PERSISTENT_BY_DEFAULT", True)
+  assert mosaic_gpu.forward_ctas(3072, interpret=False) == sms  # even rows: persistent
   assert mosaic_gpu.forward_ctas(3072, interpret=False, even_rows=False) == 3072  # uneven rows: one CTA per item
+  assert mosaic_gpu.forward_ctas(5, interpret=False) == 5  # never more CTAs than items
+  monkeypatch.setattr(mosaic_gpu, "PERSISTENT_BY_DEFAULT", False)
+  monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, "sm")
+  assert mosaic_gpu.forward_ctas(3072, interpret=False, even_rows=False) == sms
   spec = jax.ShapeDtypeStruct((1, 1024, 2, 64), jnp.bfloat16)
   even = [
     ck.prepare_mask(m, spec, spec, block_sizes=SIZES, flavour="mosaic_gpu", interpret=False).even_rows
@@ -161,7 +168,7 @@ def test_forward_ctas_follow_the_override_and_the_items(monkeypatch):
   ]
   assert even == [True, True, False]
   monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, "zero")
-  with pytest.raises(ValueError, match="CINEMA_MOSAIC_GPU_FWD_CTAS must be a positive integer"):
+  with pytest.raises(ValueError, match="CINEMA_MOSAIC_GPU_FWD_CTAS must be a positive integer or 'sm'"):
     mosaic_gpu.forward_ctas(8, interpret=False)
 
 
@@ -285,6 +292,17 @@ def test_backward_tiles_match_xla(name, bwd, rng):
   mask = kernel_masks(rng, length, b)[name]
   q, k, v = make_qkv(3, b, length, length, 2, 128, jnp.bfloat16)
   _check(q, k, v, mask, sizes=ck.BlockSizes(128, 128, *bwd))
+
+
+@needs_hopper
+@pytest.mark.parametrize("name", ["8-segment", "goldenmem"])
+def test_the_persistent_forward_matches_xla_on_hopper(name, monkeypatch):
+  # 7 CTAs for 64 items: each walks 9 or 10, alternating query buffers, the ring running on across items.
+  monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, "7")
+  length = 2048
+  mask = benchmark_mask(name, length)
+  q, k, v = make_qkv(5, 1, length, length, 4, 128, jnp.bfloat16)
+  _check(q, k, v, mask)
 
 
 @needs_hopper
