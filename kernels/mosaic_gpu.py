@@ -251,7 +251,8 @@ def _kernel_call(body, out_type, grid: dict[str, int], consumers: int, interpret
   if interpret:
     from cinema_kernels import mosaic_gpu_interpret
 
-    return functools.partial(mosaic_gpu_interpret.interpret, call)
+    name = getattr(body, "func", body).__name__.strip("_")
+    return functools.partial(mosaic_gpu_interpret.interpret, call, name=name)
   return call
 
 

@@ -28,10 +28,12 @@ primitive. It is slow (a few milliseconds per warpgroup step): test sizes only.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -179,8 +181,9 @@ def _barrier(ref: Any, transforms: Sequence[Any]) -> _BarrierSlot:
 class _Cta:
   """State shared by the warpgroup threads of one CTA."""
 
-  def __init__(self, axis_env: dict[str, int], threads: int):
+  def __init__(self, axis_env: dict[str, int], threads: int, kernel: str = "", operands: dict[int, int] | None = None):
     self.axis_env, self.threads = axis_env, threads
+    self.kernel, self.operands = kernel, operands or {}  # operands: id of a global buffer -> its operand position
     self.cond = threading.Condition()
     self.shared: dict[tuple[int, int], list[Any]] = {}
     self.failed: BaseException | None = None
@@ -188,6 +191,14 @@ class _Cta:
     self.finished = 0
     self.smem: set[int] = set()  # ids of the shared-memory buffers
     self.moved = time.monotonic()
+
+  def count_load(self, src: Any) -> None:
+    """One TMA load from kernel operand ``src`` (a global-memory ref), for ``count_loads``."""
+    if _RECORDERS:
+      position = self.operands.get(id(_root(src)))
+      with _RECORDERS_LOCK:
+        for counter in _RECORDERS:
+          counter[(self.kernel, position)] += 1
 
   def progress(self) -> None:
     """Called with ``cond`` held whenever a barrier completes a phase or a warpgroup finishes."""
@@ -359,6 +370,7 @@ class _Thread:
     if p.get("collective_axes") or p.get("leader_tracked") is not None:
       raise NotImplementedError("multicast (cluster-collective) TMA loads are not supported in interpret mode")
     view, data = _view(dst, dst_t), np.array(_view(src, src_t), copy=True)
+    self.cta.count_load(src)
     if barrier is None:
       view[...] = data
       return []
@@ -451,8 +463,10 @@ def _find_kernel(jaxpr: Any) -> Any:
   return None
 
 
-def _run_cta(body: Any, consts: Sequence[Any], refs: list[Any], axis_env: dict[str, int], mesh: Any) -> None:
-  cta = _Cta(axis_env, mesh.num_threads)
+def _run_cta(
+  body: Any, consts: Sequence[Any], refs: list[Any], axis_env: dict[str, int], mesh: Any, kernel: str = ""
+) -> None:
+  cta = _Cta(axis_env, mesh.num_threads, kernel, {id(_root(r)): n for n, r in enumerate(refs)})
 
   def work(wg: int) -> None:
     thread = _Thread(cta, wg, mesh.thread_name)
@@ -486,8 +500,32 @@ def _run_cta(body: Any, consts: Sequence[Any], refs: list[Any], axis_env: dict[s
     raise cta.failed
 
 
-def interpret(kernel: Callable[..., Any], *args: jax.Array) -> Any:
-  """Runs ``kernel`` (a ``plgpu.kernel`` callable) on ``args`` with this interpreter; usable under ``jit``."""
+_RECORDERS: list[collections.Counter] = []
+_RECORDERS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def count_loads() -> Iterator[collections.Counter]:
+  """Counts the TMA loads of the kernels interpreted inside: ``(kernel name, operand position) -> loads``.
+
+  One load brings one block, so this shows which blocks a kernel fetched: the tests check that the producers copy
+  exactly the listed (non-empty) tiles. A module-wide recorder, since the kernels run in a callback thread.
+  """
+  counter: collections.Counter = collections.Counter()
+  with _RECORDERS_LOCK:
+    _RECORDERS.append(counter)
+  try:
+    yield counter
+  finally:
+    with _RECORDERS_LOCK:
+      _RECORDERS.remove(counter)
+
+
+def interpret(kernel: Callable[..., Any], *args: jax.Array, name: str = "kernel") -> Any:
+  """Runs ``kernel`` (a ``plgpu.kernel`` callable) on ``args`` with this interpreter; usable under ``jit``.
+
+  ``name`` labels its loads in ``count_loads``.
+  """
   closed = jax.make_jaxpr(kernel)(*args)
   eqn = _find_kernel(closed.jaxpr)
   if eqn is None:
@@ -509,7 +547,7 @@ def interpret(kernel: Callable[..., Any], *args: jax.Array) -> Any:
     outs = [np.zeros(a.shape, a.dtype) for a in out_avals]
     refs = [np.array(a, copy=True) for a in arrays] + outs
     for point in itertools.product(*(range(n) for n in mesh.grid)):
-      _run_cta(body_jaxpr, body_consts, refs, dict(zip(mesh.grid_names, point, strict=True)), mesh)
+      _run_cta(body_jaxpr, body_consts, refs, dict(zip(mesh.grid_names, point, strict=True)), mesh, name)
     return tuple(outs)
 
   shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in out_avals)

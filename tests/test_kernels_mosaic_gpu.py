@@ -182,6 +182,33 @@ def test_interpreted_backward_tiles_match_xla(bwd, rng):
   _check(q, k, v, mask, sizes=ck.BlockSizes(128, 128, *bwd), interpret=True)
 
 
+@pytest.mark.parametrize("bwd", [(64, 64), (128, 128)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_the_producers_load_exactly_the_non_empty_tiles(bwd, rng):
+  # Skipping, proved on the Mosaic GPU kernels themselves: every TMA load of a key/value (or query/dO) block is a
+  # non-empty tile of the mask's own block summary, and every non-empty tile is loaded once (per head).
+  b, length, h = 2, 300, 2
+  mask = kernel_masks(rng, length, b)["hybrid"]
+  q, k, v = make_qkv(6, b, length, length, h, 64, jnp.bfloat16)
+  sizes = ck.BlockSizes(128, 128, *bwd)
+
+  def non_empty(bq, bkv):
+    return h * int((mask.block_summary(bq, bkv, q_len=length, kv_len=length) != masks.EMPTY).sum())
+
+  def ours(q, k, v):
+    return ck.block_sparse_attention(q, k, v, mask, flavour="mosaic_gpu", interpret=True, block_sizes=sizes)
+
+  with mosaic_gpu_interpret.count_loads() as loads:
+    jax.block_until_ready(grads(ours, q, k, v))
+  # Operands: forward (index, counts, q, k, v, ids...); dq and dk/dv (index, counts, q, k, v, dO, lse, delta, ...).
+  items = b * h * (384 // 128)
+  assert loads[("fwd_kernel", 2)] == 2 * items  # each item's queries, in two consumer halves
+  assert loads[("fwd_kernel", 3)] == loads[("fwd_kernel", 4)] == non_empty(128, 128)
+  assert loads[("dq_kernel", 3)] == loads[("dq_kernel", 4)] == non_empty(*bwd)
+  assert loads[("dkv_kernel", 2)] == loads[("dkv_kernel", 5)] == loads[("dkv_kernel", 6)] == non_empty(*bwd)
+  dense = h * b * (384 // bwd[0]) * (384 // bwd[1])
+  assert non_empty(*bwd) < dense  # the mask does skip tiles
+
+
 def _ring(x, consumer_releases: bool):
   """A two-slot TMA ring walked four times: the kernels' producer/consumer protocol, small."""
   plgpu = _compat.plgpu()
