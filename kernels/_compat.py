@@ -111,6 +111,20 @@ def mgpu_iota(shape: tuple[int, ...], dim: int, layout: Any) -> Any:
   return plgpu().broadcasted_iota(jnp.int32, shape, dim, layout=layout)
 
 
+@functools.cache
+def _mgpu_load_takes_index() -> bool:
+  """jax 0.10's ``plgpu.load(ref, idx)`` needs the index; 0.11 deprecates it (index the ref with ``.at`` instead)."""
+  idx = inspect.signature(plgpu().load).parameters["idx"]
+  return idx.default is inspect.Parameter.empty
+
+
+def mgpu_load(ref: Any, layout: Any) -> Any:
+  """The whole of ``ref`` (already indexed with ``.at[...]``) in registers, in ``layout``."""
+  if _mgpu_load_takes_index():
+    return plgpu().load(ref, (), layout=layout, optimized=False)
+  return plgpu().load(ref, layout=layout, optimized=False)
+
+
 def mgpu_kernel(body: Any, *, out_type: Any, **kwargs: Any) -> Any:
   """``plgpu.kernel`` with fast approximate exp2/log (the softmax tolerates them)."""
   return plgpu().kernel(body, out_type=out_type, compiler_params=plgpu().CompilerParams(approx_math=True), **kwargs)

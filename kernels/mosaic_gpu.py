@@ -128,12 +128,12 @@ def _layout():
 
 def _row_vec(ref, idx):
   """A vector along the tile's rows (one value per accumulator row), from shared or global memory."""
-  return _compat.plgpu().load(ref.at[idx], (), layout=_layout().reduce(1), optimized=False)
+  return _compat.mgpu_load(ref.at[idx], _layout().reduce(1))
 
 
 def _col_vec(ref, idx):
   """A vector along the tile's columns."""
-  return _compat.plgpu().load(ref.at[idx], (), layout=_layout().reduce(0), optimized=False)
+  return _compat.mgpu_load(ref.at[idx], _layout().reduce(0))
 
 
 def _leaf_ids(cfg: _Static, id_refs, side: int, b, start, size: int, vec: Callable) -> list:
@@ -151,7 +151,7 @@ def _scores(cfg: _Static, a_smem, b_smem, cols: int):
   plgpu = _compat.plgpu()
 
   def product(acc_ref):
-    plgpu.wgmma(acc_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+    plgpu.wgmma(acc_ref, a_smem, b_smem.transpose((1, 0)))
     return acc_ref[...]
 
   return pl.run_scoped(product, plgpu.ACC((_ROWS, cols), jnp.float32)) * cfg.scale2
@@ -359,7 +359,7 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
           slot = slot_of(s)
 
           def qk(acc_ref):
-            plgpu.wgmma(acc_ref, qo_own, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            plgpu.wgmma(acc_ref, qo_own, k_smem.at[slot].transpose((1, 0)))
             take_turn()
             return acc_ref[...]
 
@@ -541,7 +541,7 @@ def _dq_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
             plgpu.barrier_wait(v_ready.at[slot])
 
           def dov(acc_ref, v_part=v_part):
-            plgpu.wgmma(acc_ref, do_own, plgpu.transpose_ref(v_part, (1, 0)))
+            plgpu.wgmma(acc_ref, do_own, v_part.transpose((1, 0)))
             return acc_ref[...]
 
           dp = pl.run_scoped(dov, plgpu.ACC((_ROWS, cfg.cols), jnp.float32))
@@ -638,7 +638,7 @@ def _dkv_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
             # Both products in one region: one wait for the pair.
             dv_ref, dp_ref = refs
             plgpu.wgmma(dv_ref, p_t.astype(cfg.dtype), do_part)
-            plgpu.wgmma(dp_ref, v_own, plgpu.transpose_ref(do_part, (1, 0)))
+            plgpu.wgmma(dp_ref, v_own, do_part.transpose((1, 0)))
 
           dv, dp_t = pl.run_state(pdo_vdo)((plgpu.ACC.init(dv), plgpu.ACC.init(_zeros((_ROWS, cfg.cols)))))
           ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, (1,)))

@@ -243,7 +243,8 @@ class _Thread:
   def _allocate(self, aval: Any, transforms: Sequence[Any], name: str) -> Any:
     inner = aval.inner_aval
     if isinstance(inner.dtype, _internals().BarrierType):
-      return _Barriers(self.cta, inner.shape[0], inner.dtype.num_arrivals, name)
+      count = inner.shape[0] if inner.shape else 1  # one barrier is shape (1,) in jax 0.10, () in 0.11
+      return _Barriers(self.cta, count, inner.dtype.num_arrivals, name)
     for t in transforms:
       inner = t.transform_type(inner)
     buffer = np.zeros(inner.shape, inner.dtype)  # accumulators start at zero
@@ -396,7 +397,7 @@ class _Thread:
     return []
 
   def _p_wait_smem_to_gmem(self, eqn: Any, invals: list[Any]) -> list[Any]:
-    self.flush_stores(keep=int(invals[0]))
+    self.flush_stores(keep=int(invals[0] if invals else eqn.params["n"]))  # an operand in jax 0.10, a param in 0.11
     return []
 
   def _p_commit_smem(self, eqn: Any, invals: list[Any]) -> list[Any]:

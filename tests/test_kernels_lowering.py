@@ -17,10 +17,19 @@ from cinema_jax.attention import masks
 PLATFORMS = {"mosaic_tpu": "tpu", "triton": "cuda"}
 
 
+def export_or_skip(fn, *args, platform, checks=()):
+  """``jax.export`` for ``platform``; skipped where this JAX lowers Triton kernels only with a GPU present (0.11)."""
+  try:
+    return export.export(jax.jit(fn), platforms=[platform], disabled_checks=list(checks))(*args)
+  except RuntimeError as e:
+    if "No supported GPU devices found" not in str(e):
+      raise
+    pytest.skip(f"jax {jax.__version__} lowers Triton kernels only where a GPU is present")
+
+
 def _lower(flavour, fn, *args):
   checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")] if flavour == "triton" else []
-  exported = export.export(jax.jit(fn), platforms=[PLATFORMS[flavour]], disabled_checks=checks)(*args)
-  return exported.mlir_module()
+  return export_or_skip(fn, *args, platform=PLATFORMS[flavour], checks=checks).mlir_module()
 
 
 @pytest.mark.parametrize("flavour", ["mosaic_tpu", "triton"])

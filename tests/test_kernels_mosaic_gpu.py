@@ -22,6 +22,7 @@ from cinema_jax.attention import masks
 from cinema_jax.bench.attention import benchmark_mask
 from cinema_kernels import _compat, mosaic_gpu, mosaic_gpu_interpret
 from tests.test_kernels import grads, kernel_masks, make_qkv, rel_err, xla
+from tests.test_kernels_lowering import export_or_skip
 
 SIZES = ck.default_block_sizes("mosaic_gpu")
 
@@ -39,7 +40,7 @@ needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="needs an NVIDIA Hopp
 def _targets(fn, *specs):
   triton = "__gpu$xla.gpu.triton"
   checks = [export.DisabledSafetyCheck.custom_call(triton)]
-  text = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*specs).mlir_module()
+  text = export_or_skip(fn, *specs, platform="cuda", checks=checks).mlir_module()
   return text.count("custom_call @mosaic_gpu"), text.count(f"custom_call @{triton}")
 
 
