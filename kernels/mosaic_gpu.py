@@ -215,6 +215,19 @@ def _part_start(cfg: _Static, block, part: int):
   return start + part * cfg.cols if part else start
 
 
+def _part_scores(cfg: _Static, own, part_ref, start_of, own_ids, id_refs, b, own_base, *, transposed: bool):
+  """Scores of a consumer's 64 rows against one part, hidden by the element mask when ``start_of`` is given (a
+  partial tile; it returns the part's first token). Rows are queries, or keys when ``transposed`` (dk/dv)."""
+  scores = _scores(cfg, own, part_ref, cfg.cols)
+  if start_of is None:
+    return scores
+  start = start_of()
+  other_ids = _leaf_ids(cfg, id_refs, 0 if transposed else 1, b, start, cfg.cols, _col_vec)
+  if transposed:
+    return _hide(scores, _tile_mask(cfg, other_ids, own_ids, start, own_base, transposed=True))
+  return _hide(scores, _tile_mask(cfg, own_ids, other_ids, own_base, start, transposed=False))
+
+
 def _produce(cfg: _Static, entry: Callable, n_total, fetch: Callable, used: Callable):
   """Producer warpgroup: ``fetch(block, slot)`` per list entry; ``used(slot)`` waits until a slot may be refilled."""
   for i in range(min(_STEPS, cfg.length)):
@@ -531,11 +544,8 @@ def _dq_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
         plgpu.barrier_wait(k_ready.at[slot])
         for part in range(cfg.span // cfg.cols):
           k_part, v_part = _part(cfg, k_smem, slot, part), _part(cfg, v_smem, slot, part)
-          scores = _scores(cfg, q_own, k_part, cfg.cols)
-          if masked:
-            kv_start = _part_start(cfg, entry(s), part)
-            kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_start, cfg.cols, _col_vec)
-            scores = _hide(scores, _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False))
+          start_of = (lambda part=part: _part_start(cfg, entry(s), part)) if masked else None
+          scores = _part_scores(cfg, q_own, k_part, start_of, q_ids, id_refs, b, q_base, transposed=False)
           p = jnp.exp2(scores - lax.broadcast_in_dim(lse2, scores.shape, (0,)))
           if part == 0:
             plgpu.barrier_wait(v_ready.at[slot])
@@ -620,11 +630,8 @@ def _dkv_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
         plgpu.barrier_wait(q_ready.at[slot])
         for part in range(cfg.span // cfg.cols):
           q_part, do_part = _part(cfg, q_smem, slot, part), _part(cfg, do_smem, slot, part)
-          scores_t = _scores(cfg, k_own, q_part, cfg.cols)
-          if masked:
-            q_start = _part_start(cfg, entry(s), part)
-            q_ids = _leaf_ids(cfg, id_refs, 0, b, q_start, cfg.cols, _col_vec)
-            scores_t = _hide(scores_t, _tile_mask(cfg, q_ids, kv_ids, q_start, kv_base, transposed=True))
+          start_of = (lambda part=part: _part_start(cfg, entry(s), part)) if masked else None
+          scores_t = _part_scores(cfg, k_own, q_part, start_of, kv_ids, id_refs, b, kv_base, transposed=True)
           if part == 0:
             plgpu.barrier_wait(lse_ready.at[slot])
             plgpu.barrier_wait(delta_ready.at[slot])

@@ -134,6 +134,18 @@ def _transforms(tree: Any, leaves: Sequence[Any]) -> tuple:
   return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
+def _split_transforms(params: dict, trees: Sequence[str], leaves: Sequence[Any]) -> tuple[list[tuple], list[Any]]:
+  """The transforms of each operand whose flattened leaves follow one another (treedefs ``params[name]``), and the
+  leaves left over (e.g. a predicate)."""
+  out, start = [], 0
+  for name in trees:
+    tree = params[name]
+    size = 0 if tree is None else tree.num_leaves
+    out.append(_transforms(tree, leaves[start : start + size]))
+    start += size
+  return out, list(leaves[start:])
+
+
 def _index(idx: Any) -> Any:
   if isinstance(idx, _internals().Slice):
     start = int(np.asarray(idx.start))
@@ -363,11 +375,9 @@ class _Thread:
   def _p_copy_gmem_to_smem(self, eqn: Any, invals: list[Any]) -> list[Any]:
     p = eqn.params
     src, dst, barrier, *leaves = invals
-    trees = (p["src_transforms_treedef"], p["dst_transforms_treedef"], p["barrier_transforms_treedef"])
-    sizes = [0 if t is None else t.num_leaves for t in trees]
-    src_t = _transforms(trees[0], leaves[: sizes[0]])
-    dst_t = _transforms(trees[1], leaves[sizes[0] : sizes[0] + sizes[1]])
-    bar_t = _transforms(trees[2], leaves[sizes[0] + sizes[1] :])
+    (src_t, dst_t, bar_t), _ = _split_transforms(
+      p, ("src_transforms_treedef", "dst_transforms_treedef", "barrier_transforms_treedef"), leaves
+    )
     if p.get("collective_axes") or p.get("leader_tracked") is not None:
       raise NotImplementedError("multicast (cluster-collective) TMA loads are not supported in interpret mode")
     view, data = _view(dst, dst_t), np.array(_view(src, src_t), copy=True)
@@ -382,12 +392,9 @@ class _Thread:
 
   def _p_copy_smem_to_gmem(self, eqn: Any, invals: list[Any]) -> list[Any]:
     p = eqn.params
-    trees = (p["src_transforms_treedef"], p["dst_transforms_treedef"])
-    sizes = [0 if t is None else t.num_leaves for t in trees]
-    src, dst, *rest = invals
-    src_t = _transforms(trees[0], rest[: sizes[0]])
-    dst_t = _transforms(trees[1], rest[sizes[0] : sizes[0] + sizes[1]])
-    if p.get("has_user_predicate") and not bool(rest[sizes[0] + sizes[1]]):
+    src, dst, *leaves = invals
+    (src_t, dst_t), rest = _split_transforms(p, ("src_transforms_treedef", "dst_transforms_treedef"), leaves)
+    if p.get("has_user_predicate") and not bool(rest[0]):
       return []
     if p.get("reduction_op") not in (None, "add"):
       raise NotImplementedError(f"TMA reduction {p['reduction_op']!r} is not supported in interpret mode")
@@ -425,11 +432,9 @@ class _Thread:
   def _p_wgmma_ref(self, eqn: Any, invals: list[Any]) -> list[Any]:
     p = eqn.params
     acc, a, b, *leaves = invals
-    trees = (p["acc_transforms_tree"], p["a_transforms_tree"], p["b_transforms_tree"])
-    sizes = [0 if t is None else t.num_leaves for t in trees]
-    acc_t = _transforms(trees[0], leaves[: sizes[0]])
-    a_t = _transforms(trees[1], leaves[sizes[0] : sizes[0] + sizes[1]])
-    b_t = _transforms(trees[2], leaves[sizes[0] + sizes[1] :])
+    (acc_t, a_t, b_t), _ = _split_transforms(
+      p, ("acc_transforms_tree", "a_transforms_tree", "b_transforms_tree"), leaves
+    )
     acc_view = _view(acc, acc_t)
     a_view, b_view = _view(a, a_t), _view(b, b_t)
     self.check_committed(a_view, "a WGMMA operand")
