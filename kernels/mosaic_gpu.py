@@ -204,6 +204,26 @@ def _own_barrier(cfg: _Static, barriers, wg, i: int):
   return barriers.at[i if cfg.consumers == 1 else 2 * wg + i]
 
 
+def _fetch_own(cfg: _Static, b, hh, r, wg, pairs, ready):
+  """A backward consumer's own rows: issues the TMA copies of its 64 rows of each (global ref, shared buffers) pair.
+
+  Returns (first row, the global index of those rows, the consumer's buffers, a function that waits for the copies),
+  so that the consumer can load its other row vectors while the copies fly.
+  """
+  plgpu = _compat.plgpu()
+  base = _own_base(cfg, r, wg)
+  owns = [_own(cfg, smem, wg) for _, smem in pairs]
+  rows = (b, pl.ds(base, _ROWS), hh)
+  for i, ((gmem, _), own) in enumerate(zip(pairs, owns, strict=True)):
+    plgpu.copy_gmem_to_smem(gmem.at[rows], own, _own_barrier(cfg, ready, wg, i))
+
+  def arrived():
+    for i in range(len(pairs)):
+      plgpu.barrier_wait(_own_barrier(cfg, ready, wg, i))
+
+  return base, rows, owns, arrived
+
+
 def _part(cfg: _Static, ring, slot, part: int):
   """Rows ``part * cols ..`` of a ring slot holding one listed block (the whole slot when one product covers it)."""
   return ring.at[slot] if cfg.span == cfg.cols else ring.at[slot, pl.ds(part * cfg.cols, cfg.cols)]
@@ -528,16 +548,13 @@ def _dq_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     @pl.when(wg < c)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
-      q_base = _own_base(cfg, r, wg)
-      q_own, do_own = _own(cfg, q_smem, wg), _own(cfg, do_smem, wg)
-      rows = (b, pl.ds(q_base, _ROWS), hh)
-      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_own, _own_barrier(cfg, own_ready, wg, 0))
-      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_own, _own_barrier(cfg, own_ready, wg, 1))
+      q_base, rows, (q_own, do_own), arrived = _fetch_own(
+        cfg, b, hh, r, wg, ((q_ref, q_smem), (do_ref, do_smem)), own_ready
+      )
       lse2 = _row_vec(lse_ref, (b, hh, pl.ds(q_base, _ROWS)))  # lse in base-2 units
       delta = _row_vec(delta_ref, (b, hh, pl.ds(q_base, _ROWS)))
       q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
-      plgpu.barrier_wait(_own_barrier(cfg, own_ready, wg, 0))
-      plgpu.barrier_wait(_own_barrier(cfg, own_ready, wg, 1))
+      arrived()
 
       def step(s, dq, masked: bool):
         slot = lax.rem(s, jnp.int32(_STEPS))
@@ -615,14 +632,11 @@ def _dkv_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
     @pl.when(wg < c)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
-      kv_base = _own_base(cfg, r, wg)
-      k_own, v_own = _own(cfg, k_smem, wg), _own(cfg, v_smem, wg)
-      rows = (b, pl.ds(kv_base, _ROWS), hh)
-      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_own, _own_barrier(cfg, own_ready, wg, 0))
-      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_own, _own_barrier(cfg, own_ready, wg, 1))
+      kv_base, rows, (k_own, v_own), arrived = _fetch_own(
+        cfg, b, hh, r, wg, ((k_ref, k_smem), (v_ref, v_smem)), own_ready
+      )
       kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_base, _ROWS, _row_vec)
-      plgpu.barrier_wait(_own_barrier(cfg, own_ready, wg, 0))
-      plgpu.barrier_wait(_own_barrier(cfg, own_ready, wg, 1))
+      arrived()
 
       def step(s, carry, masked: bool):
         dk, dv = carry

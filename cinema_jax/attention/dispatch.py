@@ -33,7 +33,7 @@ from cinema_jax.attention import masks as masks_lib
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 # Pallas kernel tiles: (block_q, block_kv, block_q_bwd, block_kv_bwd); the backward pair may be None (= forward).
-Tiles = tuple[int, int, "int | None", "int | None"]
+Tiles = tuple[int, int, int | None, int | None]
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cinema_jax import config as config_lib
-from cinema_jax.attention import config_tiles
 from cinema_jax.bench.timing import compiled_memory_bytes, device_description, format_table
 from cinema_jax.models import video_dit
 from cinema_jax.pipelines import long_video
@@ -58,8 +57,7 @@ def build(spec: str, overrides: list[str], seed: int):
     config.model,
     dtype=config.dtype,
     param_dtype=config.param_dtype,
-    attention_implementation=config.attention.implementation,
-    attention_tiles=config_tiles(config.attention),
+    attention=config.attention,
   )
   rng = np.random.default_rng(seed)
   context = jnp.asarray(rng.standard_normal((1, s.text_len, config.model.text_dim)), jnp.float32)

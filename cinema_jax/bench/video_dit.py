@@ -80,7 +80,6 @@ def main(argv: list[str]) -> int:
   import jax
   import jax.numpy as jnp
 
-  from cinema_jax.attention import config_tiles
   from cinema_jax.bench.timing import device_description, format_table, time_call
   from cinema_jax.convert import skyreels
   from cinema_jax.models import video_dit
@@ -97,8 +96,7 @@ def main(argv: list[str]) -> int:
     dtype=dtype,
     param_dtype=jnp.float32,
     causal_block_size=cbs,
-    attention_implementation=config.attention.implementation,
-    attention_tiles=config_tiles(config.attention),
+    attention=config.attention,
   )
 
   rng = np.random.default_rng(args.seed)

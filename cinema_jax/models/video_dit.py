@@ -40,7 +40,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from cinema_jax import nn as cnn
-from cinema_jax.attention import Tiles, dot_product_attention, kernel_tiles, masks
+from cinema_jax.attention import Tiles, config_tiles, dot_product_attention, kernel_tiles, masks
 from cinema_jax.parallel import axes
 
 # Activation checkpointing per block. Tags below (checkpoint_name) name what "attention" keeps.
@@ -311,8 +311,16 @@ class VideoDiT(nn.Module):
     )  # [b, f*pt, h*ph, w*pw, c_out]
 
 
-def from_config(model: ml_collections.ConfigDict, *, dtype: Any = None, param_dtype: Any = None, **overrides):
-  """A VideoDiT from the ``model`` section of ``configs/video.py`` (dtype names as strings or jnp dtypes)."""
+def from_config(
+  model: ml_collections.ConfigDict,
+  *,
+  dtype: Any = None,
+  param_dtype: Any = None,
+  attention: ml_collections.ConfigDict | None = None,
+  **overrides,
+):
+  """A VideoDiT from the ``model`` section of ``configs/video.py`` (dtype names as strings or jnp dtypes); with the
+  config's ``attention`` section, its implementation and kernel tiles too."""
   fields = dict(
     width=model.width,
     heads=model.heads,
@@ -335,6 +343,8 @@ def from_config(model: ml_collections.ConfigDict, *, dtype: Any = None, param_dt
     fields["dtype"] = jnp.dtype(dtype)
   if param_dtype is not None:
     fields["param_dtype"] = jnp.dtype(param_dtype)
+  if attention is not None:
+    fields.update(attention_implementation=attention.implementation, attention_tiles=config_tiles(attention))
   fields.update(overrides)
   return VideoDiT(**fields)
 

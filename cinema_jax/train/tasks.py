@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cinema_jax.attention import config_tiles
 from cinema_jax.diffusion import flow, forcing
 from cinema_jax.models import keyframes_layout as kl
 from cinema_jax.models import mmdit, video_dit
@@ -225,8 +224,7 @@ class VideoTask:
       c.model,
       dtype=c.dtype,
       param_dtype=c.param_dtype,
-      attention_implementation=c.attention.implementation,
-      attention_tiles=config_tiles(c.attention),
+      attention=c.attention,
     )
     self.latent_shape = (c.sampling.latent_height, c.sampling.latent_width)
     self.text_len = c.sampling.text_len
