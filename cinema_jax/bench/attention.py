@@ -27,6 +27,7 @@ CPU, where ``--quick`` runs the kernels in interpret mode at tiny sizes as a smo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -41,6 +42,7 @@ import numpy as np
 
 from cinema_jax.attention import dot_product_attention, masks
 from cinema_jax.bench import timing
+from cinema_jax.files import write_atomic
 
 MASK_NAMES = ("dense", "causal", "8-segment", "frame-causal", "goldenmem")
 IMPLEMENTATIONS = ("pallas", "pallas-triton", "cudnn", "xla")
@@ -127,12 +129,15 @@ def run(
   warmup: int,
   backward: bool,
   xla_max_length: int,
+  warmup_seconds: float = 0.0,
+  on_record: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-  """Times every (length, mask, implementation, direction); returns one record per measurement."""
-  from cinema_kernels import default_block_sizes, resolve_flavour
+  """Times every (length, mask, implementation, direction); returns one record per measurement.
 
-  flavour, interpret = resolve_flavour()
-  sizes = default_block_sizes("interpret" if interpret and jax.default_backend() == "cpu" else flavour)
+  ``on_record`` sees the records so far (ratios filled in where their reference is measured) after each one, so a
+  run cut short keeps what it measured.
+  """
+  flavour, interpret, sizes = _kernel_tiles_in_force()
   print(f"pallas kernel: {flavour}{' (interpret mode)' if interpret else ''}, tiles {sizes}", flush=True)
   records = []
   for length in lengths:
@@ -157,7 +162,7 @@ def run(
           if scheme:
             record["scheme"] = scheme
           try:
-            seconds = timing.time_call(jitted, q, k, v, warmup=warmup, iters=iters)
+            seconds = timing.time_call(jitted, q, k, v, warmup=warmup, iters=iters, warmup_seconds=warmup_seconds)
             flops = attention_flops(length, heads, head_dim, batch, density, direction != "fwd")
             record.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
           except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the table
@@ -165,6 +170,9 @@ def run(
             traceback.print_exc(file=sys.stderr)
           records.append(record)
           print(_progress_line(record), flush=True)
+          if on_record is not None:
+            _add_ratios(records)
+            on_record(records)
   _add_ratios(records)
   return records
 
@@ -179,6 +187,11 @@ def _kernel_scheme(q: jax.Array, mask: masks.Mask | None) -> str:
   ctas = mosaic_gpu.forward_ctas(items, interpret=False, even_rows=km.even_rows)
   kind = "one per item" if ctas == items else "persistent"
   return f"fwd {ctas} CTAs ({kind}), bwd tiles {km.block_sizes.bwd[0]}x{km.block_sizes.bwd[1]}"
+
+
+def _write_json(path: str, records: list[dict[str, Any]]) -> None:
+  payload = dict(device=timing.device_description(), records=records)
+  write_atomic(path, json.dumps(payload, indent=1).encode())
 
 
 def _progress_line(r: dict[str, Any]) -> str:
@@ -243,12 +256,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
+  p.add_argument(
+    "--warmup-seconds", type=float, default=0.3, help="keep warming up each call until this long has passed"
+  )
   p.add_argument("--no-backward", action="store_true", help="time the forward only")
   p.add_argument("--xla-max-length", type=int, default=16384, help="skip XLA above this length (L^2 memory)")
   p.add_argument("--block-q", type=int, default=None, help="kernel tile rows (default: the backend's)")
   p.add_argument("--block-kv", type=int, default=None, help="kernel tile columns (default: the backend's)")
-  p.add_argument("--block-q-bwd", type=int, default=None, help="backward tile rows (default: --block-q)")
-  p.add_argument("--block-kv-bwd", type=int, default=None, help="backward tile columns (default: --block-kv)")
+  p.add_argument("--block-q-bwd", type=int, default=None, help="backward tile rows (default: the backend's)")
+  p.add_argument("--block-kv-bwd", type=int, default=None, help="backward tile columns (default: the backend's)")
   p.add_argument("--json", default=None, help="also write the records to this file")
   p.add_argument(
     "--quick", action="store_true", help="CPU smoke test: L=128, H=2, D=64, float32, 1 timed run (interpret mode)"
@@ -265,9 +281,30 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     args.iters, args.warmup = 1, 1
     args.block_q = args.block_q or 32
     args.block_kv = args.block_kv or 32
-  if (args.block_q is None) != (args.block_kv is None):
-    p.error("give --block-q and --block-kv together")
   return args
+
+
+def tile_override(args: argparse.Namespace) -> Any:
+  """The tiles the ``--block-*`` flags ask for, the ones not given kept at the backend's defaults; None if none given.
+
+  Any one flag is an override: a bare ``--block-q-bwd 128 --block-kv-bwd 128`` changes the backward tiles alone.
+  """
+  asked = {k: getattr(args, k) for k in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd")}
+  if all(v is None for v in asked.values()):
+    return None
+  return dataclasses.replace(_kernel_tiles_in_force()[2], **{k: v for k, v in asked.items() if v is not None})
+
+
+def _kernel_tiles_in_force() -> tuple[str, bool, Any]:
+  """(flavour, interpret, tiles) of the kernel ``implementation="pallas"`` runs here (CPU: interpret-mode tiles)."""
+  from cinema_kernels import default_block_sizes, resolve_flavour
+
+  flavour, interpret = resolve_flavour()
+  return (
+    flavour,
+    interpret,
+    default_block_sizes("interpret" if interpret and jax.default_backend() == "cpu" else flavour),
+  )
 
 
 def main(argv: list[str]) -> int:
@@ -287,17 +324,19 @@ def main(argv: list[str]) -> int:
     warmup=args.warmup,
     backward=not args.no_backward,
     xla_max_length=args.xla_max_length,
+    # An idle GPU's clocks are low; the first records of a run would otherwise time part of their ramp-up.
+    warmup_seconds=0.0 if args.quick else args.warmup_seconds,
+    on_record=None if args.json is None else functools.partial(_write_json, args.json),
   )
-  if args.block_q is not None:
+  sizes = tile_override(args)
+  if sizes is not None:
     from cinema_kernels import use_block_sizes
 
-    with use_block_sizes(args.block_q, args.block_kv, args.block_q_bwd, args.block_kv_bwd) as sizes:
-      print(f"kernel tiles: {sizes}", flush=True)
+    with use_block_sizes(sizes.block_q, sizes.block_kv, sizes.block_q_bwd, sizes.block_kv_bwd):
       records = run_fn(args.lengths, args.masks, args.impls)
   else:
     records = run_fn(args.lengths, args.masks, args.impls)
   print(table(records))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(device=timing.device_description(), records=records), f, indent=1)
+    _write_json(args.json, records)
   return 0 if all(r.get("ms") is not None for r in records if r["impl"] == "pallas") else 1

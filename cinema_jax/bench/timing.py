@@ -10,9 +10,18 @@ from typing import Any
 import jax
 
 
-def time_call(fn: Callable[..., Any], *args: Any, warmup: int = 2, iters: int = 10) -> float:
-  """Median seconds of ``fn(*args)`` after ``warmup`` calls (the first compiles), each waited for on device."""
+def time_call(
+  fn: Callable[..., Any], *args: Any, warmup: int = 2, iters: int = 10, warmup_seconds: float = 0.0
+) -> float:
+  """Median seconds of ``fn(*args)``, each call waited for on device.
+
+  Before timing: ``warmup`` calls (the first compiles), then more for ``warmup_seconds``, so that an accelerator's
+  clocks have left idle by the first timed call.
+  """
   for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  deadline = time.perf_counter() + warmup_seconds
+  while time.perf_counter() < deadline:
     jax.block_until_ready(fn(*args))
   samples = []
   for _ in range(iters):

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from cinema_jax.data.synthetic import encode_mp4
+from cinema_jax.files import write_atomic
 
 # Contact sheet. Small frames are enlarged by a whole factor with nearest-neighbour sampling: every generated pixel
 # stays a sharp square of its exact colour (no detail invented, no blur hiding artefacts), as in the HTML report.
@@ -136,7 +137,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 def write_png(path: str | os.PathLike, image: np.ndarray) -> pathlib.Path:
   """Writes an RGB uint8 [H, W, 3] image as PNG through a temporary name and a rename; returns the path."""
   path = pathlib.Path(path)
-  _write_atomic(path, png_bytes(image))
+  write_atomic(path, png_bytes(image))
   return path
 
 
@@ -145,13 +146,6 @@ def _check_image(image: Any, what: str) -> np.ndarray:
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
     raise ValueError(f"{what} must be a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
   return np.ascontiguousarray(image)
-
-
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.partial")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +213,7 @@ def write_report(
     items = "".join(f"<li>{_esc(note)}</li>" for note in notes)
     parts.append(f"<section><h2>Notes</h2><ul>{items}</ul></section>")
   parts.append("</main></body></html>\n")
-  _write_atomic(path, "\n".join(parts).encode("utf-8"))
+  write_atomic(path, "\n".join(parts).encode("utf-8"))
   return path
 
 
