@@ -45,8 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.attention = ml_collections.ConfigDict()
   c.attention.implementation = config_dict.placeholder(str)  # "xla" | "cudnn" | "pallas" | None
   # Pallas kernel tiles: models built from this config trace their Pallas attention with them (config_tiles ->
-  # the model's attention_tiles); None = each backend's table in kernels/blocks.py (e.g. Hopper 128 x 128 forward,
-  # 64 x 64 backward; TPU 256 x 512 forward).
+  # the model's attention_tiles); None = each backend's table in kernels/blocks.py (e.g. Hopper 128 x 128 forward
+  # and backward; TPU 256 x 512 forward).
   c.attention.block_q = config_dict.placeholder(int)  # query rows per tile
   c.attention.block_kv = config_dict.placeholder(int)  # key columns per tile
   c.attention.block_q_bwd = config_dict.placeholder(int)  # backward tiles; None = the forward sizes

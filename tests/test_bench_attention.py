@@ -2,6 +2,7 @@
 GPU scheme line says which forward (persistent or one CTA per item) and backward tiles a mask gets."""
 
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,5 +33,47 @@ def test_the_scheme_follows_the_rows_of_the_mask(monkeypatch):
   q = jax.ShapeDtypeStruct((1, 4096, 24, 128), jnp.bfloat16)
   even = bench._kernel_scheme(q, bench.benchmark_mask("8-segment", 4096))
   uneven = bench._kernel_scheme(q, bench.benchmark_mask("frame-causal", 4096))
-  assert "(persistent)" in even and "bwd tiles 64x64" in even
+  assert "(persistent)" in even and "bwd tiles 128x128" in even
   assert uneven.startswith("fwd 768 CTAs (one per item)")  # 24 heads x 32 rows of 128
+
+
+def test_any_tile_flag_overrides_and_the_others_keep_the_defaults():
+  from cinema_kernels import BlockSizes
+
+  assert bench.tile_override(bench._parse([])) is None
+  # A bare backward override once fell through (only --block-q turned overrides on): the kernels kept 64 x 64.
+  sizes = bench.tile_override(bench._parse(["--block-q-bwd", "64", "--block-kv-bwd", "32"]))
+  assert sizes == BlockSizes(block_q=128, block_kv=128, block_q_bwd=64, block_kv_bwd=32)  # CPU: interpret defaults
+  assert bench.tile_override(bench._parse(["--block-kv", "64"])) == BlockSizes(block_q=128, block_kv=64)
+
+
+def test_each_record_reaches_the_json_file_as_it_is_measured(tmp_path, monkeypatch):
+  # A run cut short (a time limit, a crash in a later mask) keeps the records measured so far.
+  path = tmp_path / "records.json"
+  seen = []
+
+  def write(records):
+    bench._write_json(str(path), records)
+    seen.append(len(json.loads(path.read_text())["records"]))
+
+  args = dict(batch=1, heads=2, head_dim=64, dtype=jnp.float32, iters=1, warmup=1, backward=False, xla_max_length=128)
+  records = bench.run([128], ["dense", "8-segment"], ["xla"], on_record=write, **args)
+  assert seen == [1, 2] and len(records) == 2
+  assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_time_call_warms_up_for_the_seconds_asked():
+  from cinema_jax.bench import timing
+
+  calls = []
+
+  def fn():
+    calls.append(1)
+    time.sleep(0.01)
+    return jnp.zeros(())
+
+  timing.time_call(fn, warmup=1, iters=2)
+  assert len(calls) == 3
+  calls.clear()
+  timing.time_call(fn, warmup=1, iters=2, warmup_seconds=0.1)
+  assert len(calls) >= 3 + 5  # at least 0.1 s of 10 ms calls after the first
