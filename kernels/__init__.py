@@ -11,7 +11,8 @@ GPU), older NVIDIA GPUs (Triton lowering) and CPU (interpret mode).
 
 Modules: ``metadata`` (tile lists, KernelMask), ``reference`` (plain-jnp block-sparse walk), ``mosaic_tpu``,
 ``mosaic_gpu`` and ``triton_gpu`` (the kernels), ``mosaic_gpu_interpret`` (the Mosaic GPU kernels on the CPU),
-``attention`` (entry points), ``blocks`` (tile sizes), ``_compat`` (JAX version shim).
+``mosaic_gpu_profile`` (where their time goes, from their in-kernel profile), ``attention`` (entry points),
+``blocks`` (tile sizes), ``_compat`` (JAX version shim).
 """
 
 from cinema_kernels.attention import (

@@ -9,6 +9,7 @@ names below and nothing version-specific from ``jax.experimental.pallas`` themse
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -125,9 +126,17 @@ def mgpu_load(ref: Any, layout: Any) -> Any:
   return plgpu().load(ref, layout=layout, optimized=False)
 
 
-def mgpu_kernel(body: Any, *, out_type: Any, **kwargs: Any) -> Any:
-  """``plgpu.kernel`` with fast approximate exp2/log (the softmax tolerates them)."""
-  return plgpu().kernel(body, out_type=out_type, compiler_params=plgpu().CompilerParams(approx_math=True), **kwargs)
+def mgpu_kernel(body: Any, *, out_type: Any, profile: tuple[int, str] | None = None, **kwargs: Any) -> Any:
+  """``plgpu.kernel`` with fast approximate exp2/log (the softmax tolerates them).
+
+  ``profile``: (regions per warpgroup, directory) turns on Mosaic GPU's in-kernel profiler (named regions).
+  """
+  params = dict(approx_math=True)
+  if profile is not None:
+    params.update(profile_space=profile[0], profile_dir=profile[1])
+    if "profile_bounds_check" in {f.name for f in dataclasses.fields(plgpu().CompilerParams)}:
+      params["profile_bounds_check"] = True  # JAX >= 0.11: drop events past the space rather than overrun memory
+  return plgpu().kernel(body, out_type=out_type, compiler_params=plgpu().CompilerParams(**params), **kwargs)
 
 
 @functools.cache

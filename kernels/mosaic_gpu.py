@@ -36,11 +36,13 @@ interpreter lacks ``run_state``, layout casts and transposed WGMMA operands).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -250,14 +252,16 @@ def _part_scores(cfg: _Static, own, part_ref, start_of, own_ids, id_refs, b, own
 
 def _produce(cfg: _Static, entry: Callable, n_total, fetch: Callable, used: Callable):
   """Producer warpgroup: ``fetch(block, slot)`` per list entry; ``used(slot)`` waits until a slot may be refilled."""
-  for i in range(min(_STEPS, cfg.length)):
-    pl.when(i < n_total)(functools.partial(fetch, entry(i), i))
+  with _region("load"):
+    for i in range(min(_STEPS, cfg.length)):
+      pl.when(i < n_total)(functools.partial(fetch, entry(i), i))
 
   @pl.loop(0, jnp.maximum(n_total - _STEPS, 0))
   def _(s):
-    slot = lax.rem(s, jnp.int32(_STEPS))
-    used(slot)
-    fetch(entry(s + _STEPS), slot)
+    with _region("load"):
+      slot = lax.rem(s, jnp.int32(_STEPS))
+      used(slot)
+      fetch(entry(s + _STEPS), slot)
 
 
 def _walk(n_full, n_total, step: Callable, carry):
@@ -266,13 +270,61 @@ def _walk(n_full, n_total, step: Callable, carry):
   return lax.fori_loop(n_full, n_total, functools.partial(step, masked=True), carry)
 
 
+# A named region of a kernel body: free unless ``profiling`` is on, then one profiler range each time it runs. The
+# kernels enter at most the counts that ``forward`` and ``backward`` pass to ``_kernel_call``.
+_region = jax.named_scope
+
+
 def _smem(shape, dtype):
   plgpu = _compat.plgpu()
   # 128-byte swizzle over (8, 64)-element tiles: the shared-memory layout WGMMA reads without bank conflicts.
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
-def _kernel_call(body, out_type, grid: dict[str, int], consumers: int, interpret: bool):
+_PROFILE_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("cinema_mosaic_gpu_profile", default=None)
+# Regions one warpgroup may record per CTA: the profiler keeps its buffer in shared memory (16 bytes a region per
+# warpgroup), and the kernels at their largest tiles leave about 34 KiB of the 227 KiB a CTA may have.
+PROFILE_MAX_REGIONS = 640
+
+
+@contextlib.contextmanager
+def profiling(directory: str | os.PathLike) -> Iterator[str]:
+  """Mosaic GPU kernels traced inside the block record their named regions (per warpgroup, in SM clock cycles).
+
+  The first run of each compiled kernel writes a Chrome trace ``<kernel>-<time>-trace.json`` to ``directory``;
+  ``mosaic_gpu_profile.summarise`` reads it. Read at trace time, like ``use_block_sizes``: a function already traced
+  outside the block (by jit, grad or export; JAX caches traces by function) keeps its unprofiled kernels, so trace a
+  fresh one inside. Regions: forward ``prologue``, ``qk``, ``softmax``, ``pv``,
+  ``epilogue`` (consumers), ``load_q``, ``load_kv`` (producer); backward ``prologue``, ``step``, ``epilogue``,
+  ``load``.
+  """
+  path = os.fspath(directory)
+  os.makedirs(path, exist_ok=True)
+  token = _PROFILE_DIR.set(path)
+  try:
+    yield path
+  finally:
+    _PROFILE_DIR.reset(token)
+
+
+def _profile(regions: int, kernel: str) -> tuple[int, str] | None:
+  """(regions per warpgroup, directory) when profiling is on; ``regions`` bounds what one warpgroup records."""
+  directory = _PROFILE_DIR.get()
+  if directory is None:
+    return None
+  if regions > PROFILE_MAX_REGIONS:
+    raise ValueError(
+      f"profiling the {kernel} kernel needs {regions} regions per warpgroup (list entries x regions per entry); "
+      f"at most {PROFILE_MAX_REGIONS} fit in shared memory beside the kernel's: profile a shorter length or a "
+      "sparser mask"
+    )
+  return regions, directory
+
+
+def _kernel_call(body, out_type, grid: dict[str, int], consumers: int, interpret: bool, regions: int = 0):
+  """``regions``: an upper bound on the named regions one warpgroup of a CTA enters (for ``profiling``)."""
+  name = getattr(body, "func", body).__name__.strip("_")
+  profile = None if interpret else _profile(regions, name)
   call = _compat.mgpu_kernel(
     body,
     out_type=out_type,
@@ -280,11 +332,11 @@ def _kernel_call(body, out_type, grid: dict[str, int], consumers: int, interpret
     grid_names=tuple(grid),
     num_threads=consumers + 1,
     thread_name="wg",
+    profile=profile,
   )
   if interpret:
     from cinema_kernels import mosaic_gpu_interpret
 
-    name = getattr(body, "func", body).__name__.strip("_")
     return functools.partial(mosaic_gpu_interpret.interpret, call, name=name)
   return call
 
@@ -371,21 +423,22 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
       lse_own = lse_smem.at[wg]
 
       def one_item(i, done):
-        b, hh, r, n_full, n_total, entry = item(i)
-        buf = lax.rem(i, jnp.int32(2))
-        qo_own = qo_smem.at[buf, wg]
-        q_base = r * (_FWD_CONSUMERS * _ROWS) + wg * _ROWS
-        q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
-        slot_of = lambda s: lax.rem(done + s, jnp.int32(_STEPS))  # noqa: E731 - the ring runs on across items
-        plgpu.barrier_wait(q_ready.at[buf * _FWD_CONSUMERS + wg])
-        m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), _layout().reduce(1))
-        carry = (_zeros((_ROWS, d)), m, _zeros((_ROWS,)))
+        with _region("prologue"):
+          b, hh, r, n_full, n_total, entry = item(i)
+          buf = lax.rem(i, jnp.int32(2))
+          qo_own = qo_smem.at[buf, wg]
+          q_base = r * (_FWD_CONSUMERS * _ROWS) + wg * _ROWS
+          q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
+          slot_of = lambda s: lax.rem(done + s, jnp.int32(_STEPS))  # noqa: E731 - the ring runs on across items
+          plgpu.barrier_wait(q_ready.at[buf * _FWD_CONSUMERS + wg])
+          m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), _layout().reduce(1))
+          carry = (_zeros((_ROWS, d)), m, _zeros((_ROWS,)))
 
-        @pl.when(n_total > 0)
-        def _():
-          plgpu.barrier_wait(k_ready.at[slot_of(0)])
+          @pl.when(n_total > 0)
+          def _():
+            plgpu.barrier_wait(k_ready.at[slot_of(0)])
 
-        pl.when(wg == 1)(take_turn)
+          pl.when(wg == 1)(take_turn)
 
         def step(s, carry, masked: bool):
           acc, m, denom = carry
@@ -396,25 +449,25 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
             take_turn()
             return acc_ref[...]
 
-          scores = pl.run_scoped(qk, plgpu.ACC((_ROWS, bkv), jnp.float32))
-          plgpu.barrier_arrive(k_used.at[slot])
-          scores = scores * cfg.scale2
-          if masked:
-            kv_start = entry(s) * bkv
-            kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_start, bkv, _col_vec)
-            scores = _hide(scores, _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False))
-          m_new = jnp.maximum(m, scores.max(axis=1))
-          # A row with nothing visible yet keeps m = -inf; subtract 0 there so that exp2 gives 0, not NaN.
-          m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-          alpha = jnp.exp2(m - m_safe)
-          p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, (0,)))
-          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
-          denom = denom * alpha + p.sum(axis=1)
-          p16 = p.astype(cfg.dtype)
-          acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
-          plgpu.barrier_arrive(turn)  # softmax done
-          plgpu.barrier_wait(v_ready.at[slot])
-          plgpu.barrier_wait(turn)  # tensor cores free
+          with _region("qk"):
+            scores = pl.run_scoped(qk, plgpu.ACC((_ROWS, bkv), jnp.float32))
+            plgpu.barrier_arrive(k_used.at[slot])
+          with _region("softmax"):
+            scores = scores * cfg.scale2
+            if masked:
+              kv_start = entry(s) * bkv
+              kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_start, bkv, _col_vec)
+              scores = _hide(scores, _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False))
+            m_new = jnp.maximum(m, scores.max(axis=1))
+            # A row with nothing visible yet keeps m = -inf; subtract 0 there so that exp2 gives 0, not NaN.
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+            alpha = jnp.exp2(m - m_safe)
+            p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, (0,)))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+            denom = denom * alpha + p.sum(axis=1)
+            p16 = p.astype(cfg.dtype)
+            acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
+            plgpu.barrier_arrive(turn)  # softmax done
 
           def pv(acc_ref):
             plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -424,23 +477,26 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
             def _():
               plgpu.barrier_wait(k_ready.at[slot_of(nxt)])
 
-          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-          plgpu.barrier_arrive(v_used.at[slot])
+          with _region("pv"):
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(turn)  # tensor cores free
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_used.at[slot])
           return acc, m_new, denom
 
         acc, m, denom = _walk(n_full, n_total, step, carry)
-        pl.when(wg == 0)(take_turn)
-
-        seen = denom > 0.0
-        safe = jnp.where(seen, denom, 1.0)
-        acc = acc * lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe, 0.0), acc.shape, (0,))
-        qo_own[...] = acc.astype(cfg.dtype)
-        lse_own[...] = jnp.where(seen, (m + jnp.log2(safe)) / _LOG2E, jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_own, o_ref.at[b, pl.ds(q_base, _ROWS), hh])
-        plgpu.copy_smem_to_gmem(lse_own, lse_ref.at[b, hh, pl.ds(q_base, _ROWS)])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        plgpu.barrier_arrive(q_free.at[buf])  # the producer may load a later item's queries here
+        with _region("epilogue"):
+          pl.when(wg == 0)(take_turn)
+          seen = denom > 0.0
+          safe = jnp.where(seen, denom, 1.0)
+          acc = acc * lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe, 0.0), acc.shape, (0,))
+          qo_own[...] = acc.astype(cfg.dtype)
+          lse_own[...] = jnp.where(seen, (m + jnp.log2(safe)) / _LOG2E, jnp.inf)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(qo_own, o_ref.at[b, pl.ds(q_base, _ROWS), hh])
+          plgpu.copy_smem_to_gmem(lse_own, lse_ref.at[b, hh, pl.ds(q_base, _ROWS)])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          plgpu.barrier_arrive(q_free.at[buf])  # the producer may load a later item's queries here
         return done + n_total
 
       lax.fori_loop(0, n_items, one_item, jnp.int32(0))
@@ -450,30 +506,32 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
       plgpu.set_max_registers(40, action="decrease")
 
       def one_item(i, done):
-        b, hh, r, _, n_total, entry = item(i)
-        buf = lax.rem(i, jnp.int32(2))
+        with _region("load_q"):
+          b, hh, r, _, n_total, entry = item(i)
+          buf = lax.rem(i, jnp.int32(2))
 
-        @pl.when(i >= 2)
-        def _():
-          plgpu.barrier_wait(q_free.at[buf])
+          @pl.when(i >= 2)
+          def _():
+            plgpu.barrier_wait(q_free.at[buf])
 
-        for c in range(_FWD_CONSUMERS):
-          q_rows = (b, pl.ds(r * (_FWD_CONSUMERS * _ROWS) + c * _ROWS, _ROWS), hh)
-          plgpu.copy_gmem_to_smem(q_ref.at[q_rows], qo_smem.at[buf, c], q_ready.at[buf * _FWD_CONSUMERS + c])
+          for c in range(_FWD_CONSUMERS):
+            q_rows = (b, pl.ds(r * (_FWD_CONSUMERS * _ROWS) + c * _ROWS, _ROWS), hh)
+            plgpu.copy_gmem_to_smem(q_ref.at[q_rows], qo_smem.at[buf, c], q_ready.at[buf * _FWD_CONSUMERS + c])
 
         @pl.loop(0, n_total)
         def _(s):
-          fetched = done + s
-          slot = lax.rem(fetched, jnp.int32(_STEPS))
+          with _region("load_kv"):
+            fetched = done + s
+            slot = lax.rem(fetched, jnp.int32(_STEPS))
 
-          @pl.when(fetched >= _STEPS)
-          def _():
-            plgpu.barrier_wait(k_used.at[slot])
-            plgpu.barrier_wait(v_used.at[slot])
+            @pl.when(fetched >= _STEPS)
+            def _():
+              plgpu.barrier_wait(k_used.at[slot])
+              plgpu.barrier_wait(v_used.at[slot])
 
-          kv_rows = (b, pl.ds(entry(s) * bkv, bkv), hh)
-          plgpu.copy_gmem_to_smem(k_ref.at[kv_rows], k_smem.at[slot], k_ready.at[slot])
-          plgpu.copy_gmem_to_smem(v_ref.at[kv_rows], v_smem.at[slot], v_ready.at[slot])
+            kv_rows = (b, pl.ds(entry(s) * bkv, bkv), hh)
+            plgpu.copy_gmem_to_smem(k_ref.at[kv_rows], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[kv_rows], v_smem.at[slot], v_ready.at[slot])
 
         return done + n_total
 
@@ -523,7 +581,9 @@ def forward(
   items = bsz * h * (lq // bq)
   ctas = forward_ctas(items, interpret, km.even_rows)
   body = functools.partial(_fwd_kernel, cfg=cfg, ctas=ctas, heads=h, rows=lq // bq)
-  out, lse = _kernel_call(body, out_type, {"ctas": ctas}, _FWD_CONSUMERS, interpret)(
+  # Per item: prologue and epilogue, three regions per listed block (consumers; the producer enters fewer).
+  regions = -(-items // ctas) * (2 + 3 * km.fwd.index.shape[-1])
+  out, lse = _kernel_call(body, out_type, {"ctas": ctas}, _FWD_CONSUMERS, interpret, regions)(
     *_lists(km.fwd), q, k, v, *_ids(km)
   )
   return out, lse, None
@@ -548,14 +608,16 @@ def _dq_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     @pl.when(wg < c)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
-      q_base, rows, (q_own, do_own), arrived = _fetch_own(
-        cfg, b, hh, r, wg, ((q_ref, q_smem), (do_ref, do_smem)), own_ready
-      )
-      lse2 = _row_vec(lse_ref, (b, hh, pl.ds(q_base, _ROWS)))  # lse in base-2 units
-      delta = _row_vec(delta_ref, (b, hh, pl.ds(q_base, _ROWS)))
-      q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
-      arrived()
+      with _region("prologue"):
+        q_base, rows, (q_own, do_own), arrived = _fetch_own(
+          cfg, b, hh, r, wg, ((q_ref, q_smem), (do_ref, do_smem)), own_ready
+        )
+        lse2 = _row_vec(lse_ref, (b, hh, pl.ds(q_base, _ROWS)))  # lse in base-2 units
+        delta = _row_vec(delta_ref, (b, hh, pl.ds(q_base, _ROWS)))
+        q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
+        arrived()
 
+      @_region("step")
       def step(s, dq, masked: bool):
         slot = lax.rem(s, jnp.int32(_STEPS))
         plgpu.barrier_wait(k_ready.at[slot])
@@ -582,10 +644,11 @@ def _dq_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
         return dq
 
       dq = _walk(n_full, n_total, step, _zeros((_ROWS, d)))
-      q_own[...] = (dq * (cfg.scale2 / _LOG2E)).astype(cfg.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_own, dq_ref.at[rows])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      with _region("epilogue"):
+        q_own[...] = (dq * (cfg.scale2 / _LOG2E)).astype(cfg.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_own, dq_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == c)
     def _producer():
@@ -632,12 +695,14 @@ def _dkv_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
     @pl.when(wg < c)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
-      kv_base, rows, (k_own, v_own), arrived = _fetch_own(
-        cfg, b, hh, r, wg, ((k_ref, k_smem), (v_ref, v_smem)), own_ready
-      )
-      kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_base, _ROWS, _row_vec)
-      arrived()
+      with _region("prologue"):
+        kv_base, rows, (k_own, v_own), arrived = _fetch_own(
+          cfg, b, hh, r, wg, ((k_ref, k_smem), (v_ref, v_smem)), own_ready
+        )
+        kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_base, _ROWS, _row_vec)
+        arrived()
 
+      @_region("step")
       def step(s, carry, masked: bool):
         dk, dv = carry
         slot = lax.rem(s, jnp.int32(_STEPS))
@@ -672,12 +737,13 @@ def _dkv_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
         return dk, dv
 
       dk, dv = _walk(n_full, n_total, step, (_zeros((_ROWS, d)), _zeros((_ROWS, d))))
-      k_own[...] = (dk * (cfg.scale2 / _LOG2E)).astype(cfg.dtype)
-      v_own[...] = dv.astype(cfg.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_own, dk_ref.at[rows])
-      plgpu.copy_smem_to_gmem(v_own, dv_ref.at[rows])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      with _region("epilogue"):
+        k_own[...] = (dk * (cfg.scale2 / _LOG2E)).astype(cfg.dtype)
+        v_own[...] = dv.astype(cfg.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_own, dk_ref.at[rows])
+        plgpu.copy_smem_to_gmem(v_own, dv_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     @pl.when(wg == c)
     def _producer():
@@ -736,10 +802,16 @@ def backward(
     _row_grid(lq // bq, bsz, h),
     cfg.consumers,
     interpret,
+    2 + km.dq.index.shape[-1],  # prologue, epilogue, a step per listed block
   )(*_lists(km.dq), *operands, *_ids(km))
   cfg_t = _static(km, km.dkv, _ROWS, _ROWS, scale, q, span=bq, consumers=bkv // _ROWS)
   kv_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
   dk, dv = _kernel_call(
-    functools.partial(_dkv_kernel, cfg=cfg_t), kv_type, _row_grid(lkv // bkv, bsz, h), cfg_t.consumers, interpret
+    functools.partial(_dkv_kernel, cfg=cfg_t),
+    kv_type,
+    _row_grid(lkv // bkv, bsz, h),
+    cfg_t.consumers,
+    interpret,
+    2 + km.dkv.index.shape[-1],
   )(*_lists(km.dkv), *operands, *_ids(km))
   return dq, dk, dv, None

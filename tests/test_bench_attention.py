@@ -77,3 +77,8 @@ def test_time_call_warms_up_for_the_seconds_asked():
   calls.clear()
   timing.time_call(fn, warmup=1, iters=2, warmup_seconds=0.1)
   assert len(calls) >= 3 + 5  # at least 0.1 s of 10 ms calls after the first
+
+
+def test_kernel_profiles_need_the_mosaic_gpu_kernels(tmp_path, capsys):
+  assert bench.main(["--profile-kernels", str(tmp_path), "--lengths", "256", "--masks", "8-segment"]) == 2
+  assert "--profile-kernels needs the Mosaic GPU kernels (a Hopper GPU)" in capsys.readouterr().err

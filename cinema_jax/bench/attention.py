@@ -27,6 +27,7 @@ CPU, where ``--quick`` runs the kernels in interpret mode at tiny sizes as a smo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -177,6 +178,49 @@ def run(
   return records
 
 
+def profile_kernels(
+  directory: str,
+  lengths: list[int],
+  mask_names: list[str],
+  *,
+  batch: int,
+  heads: int,
+  head_dim: int,
+  dtype: Any,
+  backward: bool,
+  clock_ghz: float,
+) -> list[Any]:
+  """Runs ``pallas`` once per (length, mask) with the Mosaic GPU kernels' in-kernel profiler on; prints where each
+  kernel's time goes and returns the ``KernelProfile``s. Traces go to ``directory/L<length>-<mask>/``."""
+  import pathlib
+
+  from cinema_kernels import mosaic_gpu, mosaic_gpu_profile
+
+  flavour, interpret, _ = _kernel_tiles_in_force()
+  if flavour != "mosaic_gpu" or interpret:
+    raise ValueError(
+      f"--profile-kernels needs the Mosaic GPU kernels (a Hopper GPU); here the pallas kernel is {flavour}"
+      + (" in interpret mode" if interpret else "")
+    )
+  profiles = []
+  for length in lengths:
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (batch, length, heads, head_dim), dtype) for key in keys)
+    for name in mask_names:
+      target = pathlib.Path(directory) / f"L{length}-{name}"
+      for old in target.glob("*-trace.json"):  # a kernel writes its trace once, on its first run: start afresh
+        old.unlink()
+      fn = _attention_fn("pallas", benchmark_mask(name, length), name, length)
+      with mosaic_gpu.profiling(target):
+        jax.block_until_ready(jax.jit(_grad_fn(fn) if backward else fn)(q, k, v))
+      jax.effects_barrier()  # the traces are written by host callbacks
+      for trace in sorted(target.glob("*-trace.json")):
+        profile = mosaic_gpu_profile.summarise(trace)
+        profiles.append(profile)
+        print(f"L={length} {name} ({trace})\n{mosaic_gpu_profile.format_summary(profile, clock_ghz)}", flush=True)
+  return profiles
+
+
 def _kernel_scheme(q: jax.Array, mask: masks.Mask | None) -> str:
   """How the Mosaic GPU kernels run this mask: the forward's CTA count (persistent or one per item), backward tiles."""
   from cinema_kernels import mosaic_gpu, prepare_mask
@@ -251,7 +295,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--masks", type=lambda s: s.split(","), default=list(MASK_NAMES), help="comma list")
   p.add_argument("--impls", type=lambda s: s.split(","), default=list(IMPLEMENTATIONS), help="comma list")
   p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--heads", type=int, default=24)
+  p.add_argument("--heads", type=int, default=None, help="default 24 (2 with --profile-kernels: smaller traces)")
   p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--iters", type=int, default=10)
@@ -267,6 +311,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--block-kv-bwd", type=int, default=None, help="backward tile columns (default: the backend's)")
   p.add_argument("--json", default=None, help="also write the records to this file")
   p.add_argument(
+    "--profile-kernels",
+    metavar="DIR",
+    default=None,
+    help="instead of timing: run the Mosaic GPU kernels once with their in-kernel profiler and print where the time "
+    "goes (traces under DIR; Hopper GPUs)",
+  )
+  p.add_argument("--clock-ghz", type=float, default=1.98, help="SM clock for cycles -> microseconds (profiles)")
+  p.add_argument(
     "--quick", action="store_true", help="CPU smoke test: L=128, H=2, D=64, float32, 1 timed run (interpret mode)"
   )
   args = p.parse_args(argv)
@@ -276,6 +328,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   for name in args.impls:
     if name not in IMPLEMENTATIONS:
       p.error(f"unknown implementation {name!r}; choose from {', '.join(IMPLEMENTATIONS)}")
+  if args.heads is None:
+    args.heads = 2 if args.profile_kernels else 24
   if args.quick:
     args.lengths, args.heads, args.head_dim, args.dtype = [128], 2, 64, "float32"
     args.iters, args.warmup = 1, 1
@@ -314,28 +368,36 @@ def main(argv: list[str]) -> int:
     f"B={args.batch} H={args.heads} D={args.head_dim} {args.dtype}; FLOPs = 4 B L^2 H D x density, fwd+bwd = 3.5 x fwd",
     flush=True,
   )
-  run_fn = functools.partial(
-    run,
-    batch=args.batch,
-    heads=args.heads,
-    head_dim=args.head_dim,
-    dtype=jnp.dtype(args.dtype),
-    iters=args.iters,
-    warmup=args.warmup,
-    backward=not args.no_backward,
-    xla_max_length=args.xla_max_length,
-    # An idle GPU's clocks are low; the first records of a run would otherwise time part of their ramp-up.
-    warmup_seconds=0.0 if args.quick else args.warmup_seconds,
-    on_record=None if args.json is None else functools.partial(_write_json, args.json),
-  )
+  shape = dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=jnp.dtype(args.dtype))
   sizes = tile_override(args)
-  if sizes is not None:
-    from cinema_kernels import use_block_sizes
+  with contextlib.ExitStack() as stack:
+    if sizes is not None:
+      from cinema_kernels import use_block_sizes
 
-    with use_block_sizes(sizes.block_q, sizes.block_kv, sizes.block_q_bwd, sizes.block_kv_bwd):
-      records = run_fn(args.lengths, args.masks, args.impls)
-  else:
-    records = run_fn(args.lengths, args.masks, args.impls)
+      stack.enter_context(use_block_sizes(sizes.block_q, sizes.block_kv, sizes.block_q_bwd, sizes.block_kv_bwd))
+    if args.profile_kernels:
+      backward = not args.no_backward
+      try:
+        profile_kernels(
+          args.profile_kernels, args.lengths, args.masks, **shape, backward=backward, clock_ghz=args.clock_ghz
+        )
+      except ValueError as e:  # no Mosaic GPU kernels here, or more regions than the profiler's buffer holds
+        print(f"cinema-jax bench attention: {e}", file=sys.stderr)
+        return 2
+      return 0
+    records = run(
+      args.lengths,
+      args.masks,
+      args.impls,
+      **shape,
+      iters=args.iters,
+      warmup=args.warmup,
+      backward=not args.no_backward,
+      xla_max_length=args.xla_max_length,
+      # An idle GPU's clocks are low; the first records of a run would otherwise time part of their ramp-up.
+      warmup_seconds=0.0 if args.quick else args.warmup_seconds,
+      on_record=None if args.json is None else functools.partial(_write_json, args.json),
+    )
   print(table(records))
   if args.json:
     _write_json(args.json, records)
