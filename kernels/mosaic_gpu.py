@@ -308,17 +308,20 @@ def profiling(directory: str | os.PathLike) -> Iterator[str]:
 
 
 def _profile(regions: int, kernel: str) -> tuple[int, str] | None:
-  """(regions per warpgroup, directory) when profiling is on; ``regions`` bounds what one warpgroup records."""
+  """(profile space, directory) when profiling is on, for a kernel whose warpgroups enter at most ``regions``."""
   directory = _PROFILE_DIR.get()
   if directory is None:
     return None
-  if regions > PROFILE_MAX_REGIONS:
+  # Mosaic GPU adds an "Init" region to every warpgroup, and a warpgroup's buffer starts with three header words
+  # (start time, SM, count) in front of its four words per region: two regions' room more than the kernel's own.
+  space = regions + 2
+  if space > PROFILE_MAX_REGIONS:
     raise ValueError(
-      f"profiling the {kernel} kernel needs {regions} regions per warpgroup (list entries x regions per entry); "
-      f"at most {PROFILE_MAX_REGIONS} fit in shared memory beside the kernel's: profile a shorter length or a "
-      "sparser mask"
+      f"profiling the {kernel} kernel needs {space} regions per warpgroup (list entries x regions per entry, and "
+      f"two for Mosaic GPU's own); at most {PROFILE_MAX_REGIONS} fit in shared memory beside the kernel's: profile a "
+      "shorter length or a sparser mask"
     )
-  return regions, directory
+  return space, directory
 
 
 def _kernel_call(body, out_type, grid: dict[str, int], consumers: int, interpret: bool, regions: int = 0):
@@ -337,7 +340,8 @@ def _kernel_call(body, out_type, grid: dict[str, int], consumers: int, interpret
   if interpret:
     from cinema_kernels import mosaic_gpu_interpret
 
-    return functools.partial(mosaic_gpu_interpret.interpret, call, name=name)
+    # Interpreted, the kernel is held to its declared region count (so that a profile buffer would not overflow).
+    return functools.partial(mosaic_gpu_interpret.interpret, call, name=name, regions=regions or None)
   return call
 
 
@@ -352,8 +356,8 @@ def _row_grid(n_rows: int, bsz: int, heads: int) -> dict[str, int]:
 FWD_CTAS_ENV = "CINEMA_MOSAIC_GPU_FWD_CTAS"
 _INTERPRET_CTAS = 3  # interpreted: few CTAs, so that each walks several items
 _ASSUMED_SMS = 132  # an H100 SXM, when no GPU is there to ask (lowering on the CPU)
-# Persistent forward for even rows by default: off until a Hopper run has timed it against one CTA per item (the
-# scheme the H100 figures in docs/kernels.md were measured with). ``CINEMA_MOSAIC_GPU_FWD_CTAS=sm`` turns it on.
+# Persistent forward for even rows by default: off, as timed on an H200 against one CTA per item it gained 2 to 3% at
+# 8 segments and lost as much on dense (docs/kernels.md). ``CINEMA_MOSAIC_GPU_FWD_CTAS=sm`` turns it on.
 PERSISTENT_BY_DEFAULT = False
 
 

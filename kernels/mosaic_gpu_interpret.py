@@ -235,6 +235,7 @@ class _Thread:
     self.entered: dict[int, int] = {}
     self.stores: list[tuple[Any, Any, str | None]] = []  # TMA stores issued, not yet waited for
     self.dirty: set[int] = set()  # shared-memory buffers written since this thread's last commit_smem
+    self.regions = 0  # named regions entered, counted as the profiler records them (see _eval_env)
 
   def flush_stores(self, keep: int = 0) -> None:
     """The TMA stores read their sources now: all but the ``keep`` most recent."""
@@ -294,7 +295,16 @@ class _Thread:
     def read(v: Any) -> Any:
       return v.val if isinstance(v, jex_core.Literal) else env[v]
 
+    # The profiler opens a region wherever the name stack grows from one equation to the next within a jaxpr (each
+    # sub-jaxpr starts afresh, as the lowering does): counted here, so that kernels can be held to the bound they
+    # declare for their profile buffer.
+    names: list[str] = []
     for eqn in jaxpr.eqns:
+      now = [scope.name for scope in eqn.source_info.name_stack.stack]
+      if now != names:
+        same = next((i for i, (a, b) in enumerate(zip(names, now, strict=False)) if a != b), min(len(names), len(now)))
+        self.regions += len(now) - same
+        names = now
       outs = self.eqn(eqn, [read(v) for v in eqn.invars])
       if not eqn.primitive.multiple_results:
         outs = [outs]
@@ -470,7 +480,13 @@ def _find_kernel(jaxpr: Any) -> Any:
 
 
 def _run_cta(
-  body: Any, consts: Sequence[Any], refs: list[Any], axis_env: dict[str, int], mesh: Any, kernel: str = ""
+  body: Any,
+  consts: Sequence[Any],
+  refs: list[Any],
+  axis_env: dict[str, int],
+  mesh: Any,
+  kernel: str = "",
+  regions: int | None = None,
 ) -> None:
   cta = _Cta(axis_env, mesh.num_threads, kernel, {id(_root(r)): n for n, r in enumerate(refs)})
 
@@ -481,6 +497,11 @@ def _run_cta(
       env.update(zip(body.invars, refs, strict=True))
       thread._eval_env(body, env)
       thread.flush_stores()  # the kernel's end waits for its stores
+      if regions is not None and thread.regions > regions:
+        raise KernelProtocolError(
+          f"{kernel}: warpgroup {wg} of CTA {axis_env} entered {thread.regions} named regions, more than the "
+          f"{regions} the kernel declares for its profile buffer"
+        )
     except BaseException as e:  # noqa: BLE001 - reported by the caller
       with cta.cond:
         cta.failed = cta.failed or e  # the first failure is the cause; the others are aborts it caused
@@ -527,10 +548,11 @@ def count_loads() -> Iterator[collections.Counter]:
       _RECORDERS.remove(counter)
 
 
-def interpret(kernel: Callable[..., Any], *args: jax.Array, name: str = "kernel") -> Any:
+def interpret(kernel: Callable[..., Any], *args: jax.Array, name: str = "kernel", regions: int | None = None) -> Any:
   """Runs ``kernel`` (a ``plgpu.kernel`` callable) on ``args`` with this interpreter; usable under ``jit``.
 
-  ``name`` labels its loads in ``count_loads``.
+  ``name`` labels its loads in ``count_loads``. ``regions``: the most named regions (``jax.named_scope``) one
+  warpgroup of a CTA may enter, as declared for the profiler's buffer; entering more raises ``KernelProtocolError``.
   """
   closed = jax.make_jaxpr(kernel)(*args)
   eqn = _find_kernel(closed.jaxpr)
@@ -553,7 +575,7 @@ def interpret(kernel: Callable[..., Any], *args: jax.Array, name: str = "kernel"
     outs = [np.zeros(a.shape, a.dtype) for a in out_avals]
     refs = [np.array(a, copy=True) for a in arrays] + outs
     for point in itertools.product(*(range(n) for n in mesh.grid)):
-      _run_cta(body_jaxpr, body_consts, refs, dict(zip(mesh.grid_names, point, strict=True)), mesh, name)
+      _run_cta(body_jaxpr, body_consts, refs, dict(zip(mesh.grid_names, point, strict=True)), mesh, name, regions)
     return tuple(outs)
 
   shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in out_avals)

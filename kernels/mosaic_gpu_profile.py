@@ -7,9 +7,10 @@ regions the kernel body entered (``_region`` in ``mosaic_gpu``), stamped with th
 within one warpgroup a difference of ``ts`` is in thousands of cycles, and the first event of each warpgroup is on
 the global clock in microseconds.
 
-``summarise`` turns a trace into per-CTA means: each region's cycles per warpgroup (consumers and producer apart),
-the CTA's span in cycles, and how often a new CTA starts on an SM (microseconds), whose excess over the span is the
-SM's idle time between CTAs. The producer is the warpgroup whose regions are loads (``load*``), the last of each CTA.
+``summarise`` turns a trace into per-CTA means: each region's cycles per warpgroup (consumers and producer apart;
+``Init`` is Mosaic GPU's own set-up region), the CTA's span in cycles, and how often a new CTA starts on an SM
+(microseconds), whose excess over the span is the SM's idle time between CTAs where one CTA is resident at a time.
+The producer is the warpgroup whose regions are loads (``load*``), the last of each CTA.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ class KernelProfile:
   warpgroups: int
   span_kcycles: float
   start_interval_us: float | None  # mean time between consecutive CTA starts on one SM; None: one CTA per SM
+  min_start_interval_us: float | None
   regions: dict[tuple[str, str], float]
 
+  def co_resident(self, clock_ghz: float) -> bool:
+    """Whether CTAs share an SM at once (a CTA started before the previous one could have ended)."""
+    return self.min_start_interval_us is not None and self.min_start_interval_us < self.span_kcycles / clock_ghz
+
   def gap_us(self, clock_ghz: float) -> float | None:
-    """Mean idle time of an SM between its CTAs, the span converted at ``clock_ghz``."""
-    if self.start_interval_us is None:
+    """Mean idle time of an SM between its CTAs, the span converted at ``clock_ghz``; None where CTAs overlap."""
+    if self.start_interval_us is None or self.co_resident(clock_ghz):
       return None
     return self.start_interval_us - self.span_kcycles / clock_ghz
 
@@ -93,6 +99,7 @@ def summarise(path: str | os.PathLike) -> KernelProfile:
     warpgroups=per_cta,
     span_kcycles=sum(spans.values()) / ctas,
     start_interval_us=sum(intervals) / len(intervals) if intervals else None,
+    min_start_interval_us=min(intervals) if intervals else None,
     regions={key: total / counts[key[0]] for key, total in totals.items()},  # per warpgroup of that role
   )
 
@@ -105,8 +112,9 @@ def format_summary(profile: KernelProfile, clock_ghz: float = 1.98) -> str:
     f"a CTA spans {profile.span_kcycles:.1f} k cycles ({span_us:.2f} us at {clock_ghz} GHz)"
   )
   gap = profile.gap_us(clock_ghz)
-  if gap is not None:
-    head += f"; a new CTA starts on an SM every {profile.start_interval_us:.2f} us (idle between CTAs {gap:.2f} us)"
+  if profile.start_interval_us is not None:
+    idle = "CTAs share SMs" if gap is None else f"idle between CTAs {gap:.2f} us"
+    head += f"; a new CTA starts on an SM every {profile.start_interval_us:.2f} us ({idle})"
   lines = [head, f"  {'role':<9} {'region':<10} {'k cycles':>9} {'of span':>8}"]
   for (role, name), kcycles in sorted(profile.regions.items(), key=lambda kv: (kv[0][0], -kv[1])):
     lines.append(f"  {role:<9} {name:<10} {kcycles:>9.2f} {kcycles / profile.span_kcycles:>8.1%}")

@@ -2,7 +2,6 @@
 GPU scheme line says which forward (persistent or one CTA per item) and backward tiles a mask gets."""
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +46,19 @@ def test_any_tile_flag_overrides_and_the_others_keep_the_defaults():
   assert bench.tile_override(bench._parse(["--block-kv", "64"])) == BlockSizes(block_q=128, block_kv=64)
 
 
+def test_on_hopper_the_backward_follows_forward_tiles_given_alone(monkeypatch):
+  from cinema_kernels import DEFAULT_BLOCK_SIZES, BlockSizes
+
+  monkeypatch.setattr(bench, "_kernel_tiles_in_force", lambda: ("mosaic_gpu", False, DEFAULT_BLOCK_SIZES["mosaic_gpu"]))
+
+  def tiles(*flags):
+    return bench.tile_override(bench._parse(list(flags)))
+
+  assert tiles("--block-kv", "64") == BlockSizes(128, 64)  # backward = forward, as in a config
+  assert tiles("--block-q-bwd", "64", "--block-kv-bwd", "64") == BlockSizes(128, 128, 64, 64)
+  assert tiles("--block-q-bwd", "64") == BlockSizes(128, 128, 64, 128)  # the other side keeps the backend's
+
+
 def test_each_record_reaches_the_json_file_as_it_is_measured(tmp_path, monkeypatch):
   # A run cut short (a time limit, a crash in a later mask) keeps the records measured so far.
   path = tmp_path / "records.json"
@@ -62,21 +74,27 @@ def test_each_record_reaches_the_json_file_as_it_is_measured(tmp_path, monkeypat
   assert not list(tmp_path.glob(".*.partial"))
 
 
-def test_time_call_warms_up_for_the_seconds_asked():
+def test_time_call_warms_up_for_the_seconds_asked(monkeypatch):
   from cinema_jax.bench import timing
 
+  now = [0.0]
+
+  def clock():  # a fake clock: each reading is 10 ms after the last, whatever the machine's load
+    now[0] += 0.01
+    return now[0]
+
+  monkeypatch.setattr(timing.time, "perf_counter", clock)
   calls = []
 
   def fn():
     calls.append(1)
-    time.sleep(0.01)
     return jnp.zeros(())
 
   timing.time_call(fn, warmup=1, iters=2)
   assert len(calls) == 3
   calls.clear()
   timing.time_call(fn, warmup=1, iters=2, warmup_seconds=0.1)
-  assert len(calls) >= 3 + 5  # at least 0.1 s of 10 ms calls after the first
+  assert len(calls) == 3 + 9  # readings at +10, +20, ..., +100 ms: nine more calls before the deadline
 
 
 def test_kernel_profiles_need_the_mosaic_gpu_kernels(tmp_path, capsys):

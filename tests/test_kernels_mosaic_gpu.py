@@ -77,6 +77,7 @@ def test_forward_and_backward_lower_to_mosaic_gpu(case):
 # Backward tiles: 64 or 128 rows per CTA (one or two consumers) x 64 or 128 columns per list entry (one or two parts).
 # Backward tiles the Mosaic GPU kernels take; the first is the default (DEFAULT_BLOCK_SIZES["mosaic_gpu"]).
 BWD_TILES = [(128, 128), (64, 64), (64, 128), (128, 64)]
+assert BWD_TILES[0] == ck.DEFAULT_BLOCK_SIZES["mosaic_gpu"].bwd
 
 
 @pytest.mark.parametrize("bwd", BWD_TILES, ids=lambda t: f"{t[0]}x{t[1]}")

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import json
 import math
+import pathlib
 import sys
 import traceback
 from collections.abc import Callable
@@ -192,8 +193,6 @@ def profile_kernels(
 ) -> list[Any]:
   """Runs ``pallas`` once per (length, mask) with the Mosaic GPU kernels' in-kernel profiler on; prints where each
   kernel's time goes and returns the ``KernelProfile``s. Traces go to ``directory/L<length>-<mask>/``."""
-  import pathlib
-
   from cinema_kernels import mosaic_gpu, mosaic_gpu_profile
 
   flavour, interpret, _ = _kernel_tiles_in_force()
@@ -307,8 +306,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--xla-max-length", type=int, default=16384, help="skip XLA above this length (L^2 memory)")
   p.add_argument("--block-q", type=int, default=None, help="kernel tile rows (default: the backend's)")
   p.add_argument("--block-kv", type=int, default=None, help="kernel tile columns (default: the backend's)")
-  p.add_argument("--block-q-bwd", type=int, default=None, help="backward tile rows (default: the backend's)")
-  p.add_argument("--block-kv-bwd", type=int, default=None, help="backward tile columns (default: the backend's)")
+  p.add_argument(
+    "--block-q-bwd",
+    type=int,
+    default=None,
+    help="backward tile rows (default: the forward's if --block-q/--block-kv are given, else the backend's)",
+  )
+  p.add_argument("--block-kv-bwd", type=int, default=None, help="backward tile columns (default: as --block-q-bwd)")
   p.add_argument("--json", default=None, help="also write the records to this file")
   p.add_argument(
     "--profile-kernels",
@@ -339,14 +343,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def tile_override(args: argparse.Namespace) -> Any:
-  """The tiles the ``--block-*`` flags ask for, the ones not given kept at the backend's defaults; None if none given.
+  """The tiles the ``--block-*`` flags ask for; None if none is given.
 
-  Any one flag is an override: a bare ``--block-q-bwd 128 --block-kv-bwd 128`` changes the backward tiles alone.
+  Any one flag is an override; the others keep the backend's defaults, except that the backward follows forward tiles
+  given without backward ones (as in a config's ``attention`` section). So a bare ``--block-q-bwd 128
+  --block-kv-bwd 128`` changes the backward tiles alone.
   """
   asked = {k: getattr(args, k) for k in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd")}
   if all(v is None for v in asked.values()):
     return None
-  return dataclasses.replace(_kernel_tiles_in_force()[2], **{k: v for k, v in asked.items() if v is not None})
+  base = _kernel_tiles_in_force()[2]
+  if asked["block_q_bwd"] is None and asked["block_kv_bwd"] is None:
+    base = dataclasses.replace(base, block_q_bwd=None, block_kv_bwd=None)
+  return dataclasses.replace(base, **{k: v for k, v in asked.items() if v is not None})
 
 
 def _kernel_tiles_in_force() -> tuple[str, bool, Any]:
