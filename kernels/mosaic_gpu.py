@@ -260,8 +260,9 @@ def _produce(cfg: _Static, entry: Callable, n_total, fetch: Callable, used: Call
   def _(s):
     with _region("load"):
       slot = lax.rem(s, jnp.int32(_STEPS))
+      block = entry(s + _STEPS)  # read before the wait: the global load overlaps it
       used(slot)
-      fetch(entry(s + _STEPS), slot)
+      fetch(block, slot)
 
 
 def _walk(n_full, n_total, step: Callable, carry):
@@ -527,14 +528,14 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
           with _region("load_kv"):
             fetched = done + s
             slot = lax.rem(fetched, jnp.int32(_STEPS))
-
-            @pl.when(fetched >= _STEPS)
-            def _():
-              plgpu.barrier_wait(k_used.at[slot])
-              plgpu.barrier_wait(v_used.at[slot])
-
+            # The list entry is read before the waits, so that its load from global memory overlaps them. Keys and
+            # values are released separately (keys after the consumers' q k^T, values after their p v): the next
+            # keys start loading half a step before the values' slot frees up.
             kv_rows = (b, pl.ds(entry(s) * bkv, bkv), hh)
+            refill = fetched >= _STEPS
+            pl.when(refill)(lambda: plgpu.barrier_wait(k_used.at[slot]))
             plgpu.copy_gmem_to_smem(k_ref.at[kv_rows], k_smem.at[slot], k_ready.at[slot])
+            pl.when(refill)(lambda: plgpu.barrier_wait(v_used.at[slot]))
             plgpu.copy_gmem_to_smem(v_ref.at[kv_rows], v_smem.at[slot], v_ready.at[slot])
 
         return done + n_total
