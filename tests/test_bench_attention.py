@@ -5,6 +5,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from cinema_jax.bench import attention as bench
 
@@ -95,6 +96,42 @@ def test_time_call_warms_up_for_the_seconds_asked(monkeypatch):
   calls.clear()
   timing.time_call(fn, warmup=1, iters=2, warmup_seconds=0.1)
   assert len(calls) == 3 + 9  # readings at +10, +20, ..., +100 ms: nine more calls before the deadline
+
+
+def test_time_call_queues_calls_and_divides_by_their_number(monkeypatch):
+  from cinema_jax.bench import timing
+
+  now = [0.0]
+  monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+  calls = []
+
+  def fn():  # each call takes 4 ms of the fake clock
+    calls.append(1)
+    now[0] += 0.004
+    return jnp.zeros(())
+
+  seconds = timing.time_call(fn, warmup=1, iters=3, queue=5)
+  assert len(calls) == 1 + 3 * 5
+  assert seconds == pytest.approx(0.004)
+  with pytest.raises(ValueError, match="queue must be >= 1"):
+    timing.time_call(fn, queue=0)
+
+
+def test_queued_times_join_the_records_and_the_table():
+  args = dict(batch=1, heads=2, head_dim=64, dtype=jnp.float32, iters=1, warmup=1, backward=False, xla_max_length=128)
+  records = bench.run([128], ["dense"], ["xla"], queue=3, **args)
+  assert records[0]["ms_queued"] > 0
+  header = bench.table(records).splitlines()[0].split()
+  assert header[header.index("ms") + 1 : header.index("ms") + 3] == ["queued", "ms"]
+  plain = bench.run([128], ["dense"], ["xla"], **args)
+  assert "ms_queued" not in plain[0] and "queued" not in bench.table(plain)
+
+
+@pytest.mark.parametrize("queue", ["1", "-2"])
+def test_a_queue_of_one_call_is_refused(queue, capsys):
+  with pytest.raises(SystemExit):
+    bench.main(["--queue", queue, "--quick"])
+  assert "--queue takes N >= 2" in capsys.readouterr().err
 
 
 def test_kernel_profiles_need_the_mosaic_gpu_kernels(tmp_path, capsys):

@@ -132,9 +132,14 @@ def run(
   backward: bool,
   xla_max_length: int,
   warmup_seconds: float = 0.0,
+  queue: int = 0,
   on_record: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
   """Times every (length, mask, implementation, direction); returns one record per measurement.
+
+  ``ms`` is the median time of one call waited for (as the peer anchor scripts time); with ``queue`` >= 2 a record
+  also has ``ms_queued``, the time per call of ``queue`` calls queued back to back (``timing.time_call``): the device
+  time, without the host's dispatch and wait.
 
   ``on_record`` sees the records so far (ratios filled in where their reference is measured) after each one, so a
   run cut short keeps what it measured.
@@ -167,6 +172,9 @@ def run(
             seconds = timing.time_call(jitted, q, k, v, warmup=warmup, iters=iters, warmup_seconds=warmup_seconds)
             flops = attention_flops(length, heads, head_dim, batch, density, direction != "fwd")
             record.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
+            if queue >= 2:
+              queued = timing.time_call(jitted, q, k, v, warmup=1, iters=iters, queue=queue)
+              record.update(ms_queued=queued * 1e3)
           except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the table
             record.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e)[:160]}")
             traceback.print_exc(file=sys.stderr)
@@ -239,6 +247,8 @@ def _write_json(path: str, records: list[dict[str, Any]]) -> None:
 
 def _progress_line(r: dict[str, Any]) -> str:
   ms = "FAIL " + r["error"] if r.get("ms") is None else f"{r['ms']:.3f} ms"
+  if r.get("ms_queued") is not None:
+    ms += f" ({r['ms_queued']:.3f} queued)"
   scheme = f"  [{r['scheme']}]" if r.get("scheme") else ""
   return f"  L={r['length']} {r['mask']:<12} {r['impl']:<6} {r['direction']:<7} {ms}{scheme}"
 
@@ -268,23 +278,27 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
 
 
 def table(records: list[dict[str, Any]]) -> str:
+  queued = any(r.get("ms_queued") is not None for r in records)
   header = ["L", "mask", "density", "tiles", "impl", "pass", "ms", "TFLOP/s", "x ref dense", "ref"]
+  if queued:
+    header.insert(7, "queued ms")
   rows = []
   for r in records:
-    rows.append(
-      [
-        r["length"],
-        r["mask"],
-        round(r["density"], 4),
-        round(r["tiles"], 4),
-        r["impl"],
-        r["direction"],
-        "FAIL" if r.get("ms") is None else float(r["ms"]),
-        "-" if r.get("tflops") is None else float(r["tflops"]),
-        "-" if r.get("ratio") is None else float(r["ratio"]),
-        r.get("reference") or "-",
-      ]
-    )
+    row = [
+      r["length"],
+      r["mask"],
+      round(r["density"], 4),
+      round(r["tiles"], 4),
+      r["impl"],
+      r["direction"],
+      "FAIL" if r.get("ms") is None else float(r["ms"]),
+      "-" if r.get("tflops") is None else float(r["tflops"]),
+      "-" if r.get("ratio") is None else float(r["ratio"]),
+      r.get("reference") or "-",
+    ]
+    if queued:
+      row.insert(7, "-" if r.get("ms_queued") is None else float(r["ms_queued"]))
+    rows.append(row)
   return timing.format_table(header, rows)
 
 
@@ -301,6 +315,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument(
     "--warmup-seconds", type=float, default=0.3, help="keep warming up each call until this long has passed"
+  )
+  p.add_argument(
+    "--queue",
+    type=int,
+    default=0,
+    metavar="N",
+    help="also time N calls queued back to back (device time per call, without the host's dispatch and wait)",
   )
   p.add_argument("--no-backward", action="store_true", help="time the forward only")
   p.add_argument("--xla-max-length", type=int, default=16384, help="skip XLA above this length (L^2 memory)")
@@ -332,6 +353,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   for name in args.impls:
     if name not in IMPLEMENTATIONS:
       p.error(f"unknown implementation {name!r}; choose from {', '.join(IMPLEMENTATIONS)}")
+  if args.queue < 0 or args.queue == 1:
+    p.error(f"--queue takes N >= 2 calls (0: off), got {args.queue}")
   if args.heads is None:
     args.heads = 2 if args.profile_kernels else 24
   if args.quick:
@@ -405,6 +428,7 @@ def main(argv: list[str]) -> int:
       xla_max_length=args.xla_max_length,
       # An idle GPU's clocks are low; the first records of a run would otherwise time part of their ramp-up.
       warmup_seconds=0.0 if args.quick else args.warmup_seconds,
+      queue=args.queue,
       on_record=None if args.json is None else functools.partial(_write_json, args.json),
     )
   print(table(records))

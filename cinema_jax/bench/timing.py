@@ -11,13 +11,25 @@ import jax
 
 
 def time_call(
-  fn: Callable[..., Any], *args: Any, warmup: int = 2, iters: int = 10, warmup_seconds: float = 0.0
+  fn: Callable[..., Any],
+  *args: Any,
+  warmup: int = 2,
+  iters: int = 10,
+  warmup_seconds: float = 0.0,
+  queue: int = 1,
 ) -> float:
   """Median seconds of ``fn(*args)``, each call waited for on device.
 
   Before timing: ``warmup`` calls (the first compiles), then more for ``warmup_seconds``, so that an accelerator's
   clocks have left idle by the first timed call.
+
+  ``queue``: calls per sample, dispatched back to back and waited for together; the sample is their time over
+  ``queue``. With 1 (as the peer anchor scripts time) a sample includes the host's dispatch and its wait for the
+  device; with more, those overlap the device's work of the calls queued before, which leaves the device time per
+  call once it exceeds the host's time per dispatch.
   """
+  if queue < 1:
+    raise ValueError(f"time_call: queue must be >= 1, got {queue}")
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   deadline = time.perf_counter() + warmup_seconds
@@ -26,8 +38,8 @@ def time_call(
   samples = []
   for _ in range(iters):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    samples.append(time.perf_counter() - start)
+    jax.block_until_ready([fn(*args) for _ in range(queue)])
+    samples.append((time.perf_counter() - start) / queue)
   return statistics.median(samples)
 
 
