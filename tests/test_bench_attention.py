@@ -5,6 +5,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from cinema_jax.bench import attention as bench
@@ -20,9 +21,16 @@ def test_quick_run_times_every_mask_with_ratios(tmp_path, capsys):
       for direction in ("fwd", "fwd+bwd"):
         assert (mask, impl, direction) in seen
   assert all(r["ms"] > 0 and r["ratio"] > 0 and r["reference"] == "xla dense" for r in records)
+  # On the CPU splash runs interpreted, so ours also gets its ratio to splash with the same mask.
+  ours = [r for r in records if r["impl"] == "pallas"]
+  assert {(r["mask"], r["direction"]) for r in records if r["impl"] == "splash"} == {
+    (r["mask"], r["direction"]) for r in ours
+  }
+  assert all(r["ratio_splash"] > 0 for r in ours)
   dense_xla = [r["ratio"] for r in records if r["mask"] == "dense" and r["impl"] == "xla"]
   assert dense_xla == [1.0, 1.0]  # the reference itself
-  assert "x ref dense" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "x ref dense" in out and "x splash" in out
 
 
 def test_the_scheme_follows_the_rows_of_the_mask(monkeypatch):
@@ -137,3 +145,32 @@ def test_a_queue_of_one_call_is_refused(queue, capsys):
 def test_kernel_profiles_need_the_mosaic_gpu_kernels(tmp_path, capsys):
   assert bench.main(["--profile-kernels", str(tmp_path), "--lengths", "256", "--masks", "8-segment"]) == 2
   assert "--profile-kernels needs the Mosaic GPU kernels (a Hopper GPU)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", bench.MASK_NAMES)
+def test_splash_computes_the_same_attention_as_xla(name):
+  # The TPU reference must attend exactly as ours and XLA do (mask, scale, layout), or its ratio means nothing.
+  from cinema_jax.bench.splash import splash_attention_fn
+
+  length = 256
+  keys = jax.random.split(jax.random.key(3), 4)
+  q, k, v = (jax.random.normal(key, (2, length, 2, 64), jnp.float32) for key in keys[:3])
+  do = jax.random.normal(keys[3], q.shape, jnp.float32)
+  mask = bench.benchmark_mask(name, length)
+  ours = splash_attention_fn(mask, name, length, interpret=True)
+  ref = bench._attention_fn("xla", mask, name, length)
+  out, vjp = jax.vjp(ours, q, k, v)
+  out_ref, vjp_ref = jax.vjp(ref, q, k, v)
+  np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+  for grad, grad_ref in zip(vjp(do), vjp_ref(do), strict=True):
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_splash_names_a_length_it_cannot_tile():
+  from cinema_jax.bench.splash import splash_attention_fn, splash_block
+
+  assert [splash_block(n) for n in (128, 384, 1024, 16384)] == [128, 128, 512, 512]
+  fn = splash_attention_fn(None, "dense", 200, interpret=True)
+  x = jnp.zeros((1, 200, 2, 64))
+  with pytest.raises(ValueError, match="splash attention needs L a multiple of 128, got L = 200"):
+    fn(x, x, x)

@@ -11,13 +11,16 @@ Implementations, all in one process on the same inputs: ``pallas`` (ours: ``dot_
 implementation="pallas")``, tile lists built once on the host; on Hopper the Mosaic GPU forward), ``pallas-triton``
 (ours, the Triton flavour: the fallback for older GPUs, GPU only), ``cudnn`` (``jax.nn.dot_product_attention(
 implementation="cudnn")``: ``is_causal`` for the causal mask, the mask given densely otherwise, as an application
-would), ``xla`` (``jax.nn.dot_product_attention(implementation="xla")`` with the dense mask). Each is timed forward
-and forward+backward (``jax.grad`` of the float32 sum w.r.t. q, k, v), median of ``--iters`` runs after warm-up.
+would), ``xla`` (``jax.nn.dot_product_attention(implementation="xla")`` with the dense mask) and ``splash`` (JAX's
+block-sparse TPU kernel with the same mask: the TPU reference, see ``bench.splash``; TPU only, interpreted on the
+CPU). Each is timed forward and forward+backward (``jax.grad`` of the float32 sum w.r.t. q, k, v), median of
+``--iters`` runs after warm-up.
 
 Figures are reported the way the peer anchor scripts report them: B=1, H=24, D=128, bf16; FLOPs = 4 B L^2 H D x
 density (useful work only) for the forward and 3.5 x that for forward+backward; and every time also as a ratio to
 cuDNN dense measured in the same run at the same length and direction (XLA dense where cuDNN is unavailable, e.g. on
-CPU, where ``--quick`` runs the kernels in interpret mode at tiny sizes as a smoke test).
+TPU, or on the CPU, where ``--quick`` runs the kernels in interpret mode at tiny sizes as a smoke test); where splash
+ran, ours is also given as a ratio to splash with the same mask.
 
   cinema-jax bench attention                       # L = 4096 and 16384 on the GPU/TPU
   cinema-jax bench attention --lengths 4096 --json out.json
@@ -44,10 +47,11 @@ import numpy as np
 
 from cinema_jax.attention import dot_product_attention, masks
 from cinema_jax.bench import timing
+from cinema_jax.bench.splash import splash_attention_fn
 from cinema_jax.files import write_atomic
 
 MASK_NAMES = ("dense", "causal", "8-segment", "frame-causal", "goldenmem")
-IMPLEMENTATIONS = ("pallas", "pallas-triton", "cudnn", "xla")
+IMPLEMENTATIONS = ("pallas", "pallas-triton", "cudnn", "xla", "splash")
 PHI = (1.0 + math.sqrt(5.0)) / 2.0
 
 
@@ -95,6 +99,8 @@ def attention_flops(length: int, heads: int, head_dim: int, batch: int, density:
 def _attention_fn(impl: str, mask: masks.Mask | None, name: str, length: int) -> Callable[..., jax.Array]:
   if impl == "pallas":
     return lambda q, k, v: dot_product_attention(q, k, v, mask=mask, implementation="pallas")
+  if impl == "splash":
+    return splash_attention_fn(mask, name, length, interpret=jax.default_backend() != "tpu")
   if impl == "pallas-triton":
     from cinema_kernels import block_sparse_attention
 
@@ -158,6 +164,8 @@ def run(
         if impl == "xla" and length > xla_max_length:
           continue
         if impl in ("cudnn", "pallas-triton") and jax.default_backend() != "gpu":
+          continue
+        if impl == "splash" and jax.default_backend() not in ("tpu", "cpu"):
           continue
         fn = _attention_fn(impl, mask, name, length)
         scheme = _kernel_scheme(q, mask) if impl == "pallas" and flavour == "mosaic_gpu" else None
@@ -254,8 +262,20 @@ def _progress_line(r: dict[str, Any]) -> str:
 
 
 def _add_ratios(records: list[dict[str, Any]]) -> None:
-  """Ratio of each time to the dense reference of the same length and direction (cuDNN, else XLA)."""
+  """Ratio of each time to the dense reference of the same length and direction (cuDNN, else XLA), and of each of
+  ours to splash with the same mask where splash ran."""
   for r in records:
+    splash = next(
+      (
+        x
+        for x in records
+        if x["impl"] == "splash"
+        and (x["length"], x["mask"], x["direction"]) == (r["length"], r["mask"], r["direction"])
+      ),
+      None,
+    )
+    if r["impl"].startswith("pallas") and splash is not None and splash.get("ms") and r.get("ms"):
+      r["ratio_splash"] = r["ms"] / splash["ms"]
     r["ratio"] = None
     r["reference"] = None
     for ref_impl in ("cudnn", "xla"):
@@ -279,7 +299,10 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
 
 def table(records: list[dict[str, Any]]) -> str:
   queued = any(r.get("ms_queued") is not None for r in records)
+  splash = any(r.get("ratio_splash") is not None for r in records)
   header = ["L", "mask", "density", "tiles", "impl", "pass", "ms", "TFLOP/s", "x ref dense", "ref"]
+  if splash:
+    header.append("x splash")
   if queued:
     header.insert(7, "queued ms")
   rows = []
@@ -296,6 +319,8 @@ def table(records: list[dict[str, Any]]) -> str:
       "-" if r.get("ratio") is None else float(r["ratio"]),
       r.get("reference") or "-",
     ]
+    if splash:
+      row.append("-" if r.get("ratio_splash") is None else float(r["ratio_splash"]))
     if queued:
       row.insert(7, "-" if r.get("ms_queued") is None else float(r["ms_queued"]))
     rows.append(row)
