@@ -152,7 +152,7 @@ def test_splash_computes_the_same_attention_as_xla(name):
   # The TPU reference must attend exactly as ours and XLA do (mask, scale, layout), or its ratio means nothing.
   from cinema_jax.bench.splash import splash_attention_fn
 
-  length = 256
+  length = 384  # three 128-token splash tiles a side: empty, partial and full tiles, not one tile for all
   keys = jax.random.split(jax.random.key(3), 4)
   q, k, v = (jax.random.normal(key, (2, length, 2, 64), jnp.float32) for key in keys[:3])
   do = jax.random.normal(keys[3], q.shape, jnp.float32)
@@ -174,3 +174,32 @@ def test_splash_names_a_length_it_cannot_tile():
   x = jnp.zeros((1, 200, 2, 64))
   with pytest.raises(ValueError, match="splash attention needs L a multiple of 128, got L = 200"):
     fn(x, x, x)
+
+
+def test_a_failing_set_up_or_queue_leaves_the_rest_of_the_table(monkeypatch):
+  from cinema_jax.bench import timing
+
+  def no_splash(*args, **kwargs):
+    raise ImportError("no splash attention in this JAX")
+
+  real_time_call = timing.time_call
+
+  def time_call(*args, queue=1, **kwargs):
+    if queue > 1:
+      raise MemoryError("out of memory holding the queued outputs")
+    return real_time_call(*args, **kwargs)
+
+  monkeypatch.setattr(bench, "splash_attention_fn", no_splash)
+  monkeypatch.setattr(timing, "time_call", time_call)
+  args = dict(batch=1, heads=2, head_dim=64, dtype=jnp.float32, iters=1, warmup=1, backward=True, xla_max_length=128)
+  records = bench.run([128], ["dense"], ["splash", "xla"], queue=2, **args)
+  assert [(r["impl"], r["direction"]) for r in records] == [
+    ("splash", "fwd"),
+    ("splash", "fwd+bwd"),
+    ("xla", "fwd"),
+    ("xla", "fwd+bwd"),
+  ]
+  assert all(r["ms"] is None and r["error"].startswith("ImportError: no splash") for r in records[:2])
+  assert all(
+    r["ms"] > 0 and r["ms_queued"] is None and r["queued_error"].startswith("MemoryError") for r in records[2:]
+  )

@@ -167,25 +167,28 @@ def run(
           continue
         if impl == "splash" and jax.default_backend() not in ("tpu", "cpu"):
           continue
-        fn = _attention_fn(impl, mask, name, length)
         scheme = _kernel_scheme(q, mask) if impl == "pallas" and flavour == "mosaic_gpu" else None
-        directions = [("fwd", jax.jit(fn))]
-        if backward:
-          directions.append(("fwd+bwd", jax.jit(_grad_fn(fn))))
-        for direction, jitted in directions:
+        fn = None
+        for direction in ("fwd", "fwd+bwd") if backward else ("fwd",):
           record = dict(length=length, mask=name, density=density, tiles=tiles, impl=impl, direction=direction)
           if scheme:
             record["scheme"] = scheme
+          # One failing implementation (an import, its own set-up, a compile, memory) must not stop the table.
           try:
+            fn = _attention_fn(impl, mask, name, length) if fn is None else fn
+            jitted = jax.jit(fn if direction == "fwd" else _grad_fn(fn))
             seconds = timing.time_call(jitted, q, k, v, warmup=warmup, iters=iters, warmup_seconds=warmup_seconds)
             flops = attention_flops(length, heads, head_dim, batch, density, direction != "fwd")
             record.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
-            if queue >= 2:
-              queued = timing.time_call(jitted, q, k, v, warmup=1, iters=iters, queue=queue)
-              record.update(ms_queued=queued * 1e3)
-          except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the table
+          except Exception as e:  # noqa: BLE001
             record.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e)[:160]}")
             traceback.print_exc(file=sys.stderr)
+          if queue >= 2 and record["ms"] is not None:
+            try:  # queued calls hold more memory at once: their failure leaves the per-call time standing
+              record.update(ms_queued=timing.time_call(jitted, q, k, v, warmup=1, iters=iters, queue=queue) * 1e3)
+            except Exception as e:  # noqa: BLE001
+              record.update(ms_queued=None, queued_error=f"{type(e).__name__}: {str(e)[:160]}")
+              traceback.print_exc(file=sys.stderr)
           records.append(record)
           print(_progress_line(record), flush=True)
           if on_record is not None:
@@ -257,6 +260,8 @@ def _progress_line(r: dict[str, Any]) -> str:
   ms = "FAIL " + r["error"] if r.get("ms") is None else f"{r['ms']:.3f} ms"
   if r.get("ms_queued") is not None:
     ms += f" ({r['ms_queued']:.3f} queued)"
+  elif r.get("queued_error"):
+    ms += f" (queued: FAIL {r['queued_error']})"
   scheme = f"  [{r['scheme']}]" if r.get("scheme") else ""
   return f"  L={r['length']} {r['mask']:<12} {r['impl']:<6} {r['direction']:<7} {ms}{scheme}"
 

@@ -5,8 +5,9 @@ Letters: B batch, L length, H heads, D head dim.
 performance.md holds our kernel on TPU to splash attention with the same mask. Splash takes the mask statically (its
 block summary is computed on the host when the kernel is built, so it skips empty blocks as ours does), works on
 [H, L, D] per sample and applies no softmax scale. The function built here takes the model layout [B, L, H, D] like
-every other implementation in the benchmark: it transposes (and scales q) around ``jax.vmap`` of the kernel over
-the batch, as our TPU kernel transposes to [B, H, L, D] around its own call. Lengths must be multiples of 128 (the
+every other implementation in the benchmark: it transposes (and scales q, in q's dtype, as models feeding splash
+do) around ``jax.vmap`` of the kernel over the batch, as our TPU kernel transposes to [B, H, L, D] around its own
+call; the transposes are timed with it, as ours are. Lengths must be multiples of 128 (the
 lane width splash tiles by); the blocks are the largest of 512, 256, 128 that divides L (512 is what large models run
 splash with).
 """
