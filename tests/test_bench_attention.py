@@ -31,6 +31,7 @@ def test_quick_run_times_every_mask_with_ratios(tmp_path, capsys):
   assert dense_xla == [1.0, 1.0]  # the reference itself
   out = capsys.readouterr().out
   assert "x ref dense" in out and "x splash" in out
+  assert out.count("skipping cudnn: it runs on NVIDIA GPUs, this is cpu") == 1  # said once, not per mask
 
 
 def test_the_scheme_follows_the_rows_of_the_mask(monkeypatch):

@@ -153,6 +153,7 @@ def run(
   flavour, interpret, sizes = _kernel_tiles_in_force()
   print(f"pallas kernel: {flavour}{' (interpret mode)' if interpret else ''}, tiles {sizes}", flush=True)
   records = []
+  skipped = set()
   for length in lengths:
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (batch, length, heads, head_dim), dtype) for key in keys)
@@ -161,11 +162,11 @@ def run(
       density = 1.0 if mask is None else mask.density(q_len=length, kv_len=length)
       tiles = _tile_fraction(mask, length, sizes.fwd)
       for impl in impls:
-        if impl == "xla" and length > xla_max_length:
-          continue
-        if impl in ("cudnn", "pallas-triton") and jax.default_backend() != "gpu":
-          continue
-        if impl == "splash" and jax.default_backend() not in ("tpu", "cpu"):
+        reason = _skip_reason(impl, length, xla_max_length)
+        if reason:
+          if (impl, reason) not in skipped:
+            skipped.add((impl, reason))
+            print(f"skipping {impl}: {reason}", flush=True)
           continue
         scheme = _kernel_scheme(q, mask) if impl == "pallas" and flavour == "mosaic_gpu" else None
         fn = None
@@ -196,6 +197,18 @@ def run(
             on_record(records)
   _add_ratios(records)
   return records
+
+
+def _skip_reason(impl: str, length: int, xla_max_length: int) -> str | None:
+  """Why ``impl`` does not run here at ``length`` (None: it runs)."""
+  backend = jax.default_backend()
+  if impl == "xla" and length > xla_max_length:
+    return f"L = {length} is above --xla-max-length {xla_max_length} (XLA holds L^2 scores)"
+  if impl in ("cudnn", "pallas-triton") and backend != "gpu":
+    return f"it runs on NVIDIA GPUs, this is {backend}"
+  if impl == "splash" and backend not in ("tpu", "cpu"):
+    return f"it is a TPU kernel (interpreted on the CPU), this is {backend}"
+  return None
 
 
 def profile_kernels(
