@@ -16,7 +16,7 @@ mask; partial tiles evaluate the mask's expression on the ids of their rows (loa
   log-sum-exp [B, H, L] in natural-log units; a row that sees no key ends with ``l = 0``: output 0, lse ``+inf``.
   A list of CTAs walks the (row, head, sample) items: one CTA per item by default, or persistent (one per SM walking
   a share of the items, its producer loading the next item's queries and first blocks while the consumers finish
-  the current one); see ``forward_ctas``.
+  the current one); see ``forward_ctas``. Its key/value ring has two slots, or more for tuning (``forward_ring``).
 * **dq** (tiles ``block_q_bwd x block_kv_bwd``): per query block over its key blocks, ``p = exp(s - lse)``,
   ``dp = dO v^T``, ``ds = p (dp - delta)``, ``dq += ds k``.
 * **dk/dv** (same tiles, transposed lists): per key block over its query blocks (with dO, lse and delta),
@@ -392,12 +392,64 @@ def forward_ctas(items: int, interpret: bool, even_rows: bool = True) -> int:
   return max(1, min(items, n))
 
 
-def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static, ctas: int, heads: int, rows: int):
+FWD_STEPS_ENV = "CINEMA_MOSAIC_GPU_FWD_STEPS"
+_SMEM_BYTES = 227 * 1024  # shared memory one CTA may have on Hopper
+
+
+def _fwd_smem_bytes(q_buffers: int, steps: int, block_kv: int, head_dim: int, itemsize: int) -> int:
+  """The forward's shared-memory buffers, each aligned to 1 KiB as Pallas places them: query/output buffers, the
+  key and value ring, and with two slots the lse rows (beside a deeper ring there is no room for them: they go out
+  from registers). Barriers and Mosaic GPU's own scratch come on top; its launch check sees those."""
+  align = lambda n: -(-n // 1024) * 1024  # noqa: E731
+  queries = align(q_buffers * _FWD_CONSUMERS * _ROWS * head_dim * itemsize)
+  lse = align(_FWD_CONSUMERS * _ROWS * 4) if steps == _STEPS else 0
+  return queries + 2 * align(steps * block_kv * head_dim * itemsize) + lse
+
+
+def forward_ring(q_buffers: int, block_kv: int, head_dim: int, itemsize: int) -> int:
+  """Slots of the forward's key/value ring: two, or ``CINEMA_MOSAIC_GPU_FWD_STEPS`` (for tuning) where they fit.
+
+  A deeper ring lets the producer run further ahead (a short row's first blocks all in flight at once; more slack
+  for a late copy). Three slots of 128 x 128 at D = 128 fit beside one query buffer (one CTA per item, the default)
+  once the lse rows leave shared memory, not beside the persistent forward's two query buffers. Not timed on a GPU
+  yet, hence not the default.
+  """
+  env = os.environ.get(FWD_STEPS_ENV, "").strip()
+  if not env:
+    return _STEPS
+  if not (env.isdigit() and int(env) >= 2):
+    raise ValueError(f"{FWD_STEPS_ENV} must be an integer >= 2, got {env!r}")
+  steps = int(env)
+  need = _fwd_smem_bytes(q_buffers, steps, block_kv, head_dim, itemsize)
+  if need > _SMEM_BYTES:
+    raise ValueError(
+      f"{FWD_STEPS_ENV}={steps}: the forward would need {need} bytes of shared memory ({q_buffers} query "
+      f"buffer(s), {steps} key/value slots of {block_kv} x {head_dim}), more than the {_SMEM_BYTES} a CTA may have "
+      "(one CTA per item keeps one query buffer; the persistent forward keeps two)"
+    )
+  return steps
+
+
+def _fwd_kernel(
+  index_ref,
+  counts_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  *refs,
+  cfg: _Static,
+  ctas: int,
+  heads: int,
+  rows: int,
+  steps: int,
+  q_buffers: int,
+):
   """Persistent: CTA ``c`` walks the items (row of tiles, head, sample) ``c, c + ctas, ...``, rows fastest.
 
-  The producer runs ahead across items: it loads the next item's query rows into the other of two query buffers and
-  its first key/value blocks into the ring while the consumers finish the current item and store its output, so a
-  short row (8 segments: 16 blocks) does not pay its start-up and its epilogue in sequence.
+  The producer runs ahead across items: it loads the next item's query rows into the other of two query buffers
+  (``q_buffers``; one when each CTA has one item) and its first key/value blocks into the ring of ``steps`` slots
+  while the consumers finish the current item and store its output, so a short row (8 segments: 16 blocks) does not
+  pay its start-up and its epilogue in sequence.
   """
   plgpu = _compat.plgpu()
   id_refs, (o_ref, lse_ref) = refs[: len(refs) - 2], refs[len(refs) - 2 :]
@@ -413,7 +465,7 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
     return b, hh, r, counts_ref[b, r, 0], counts_ref[b, r, 1], lambda s: index_ref[b, r, s]
 
   def scoped(smem, ready, used, q_free, turn):
-    qo_smem, k_smem, v_smem, lse_smem = smem  # qo: [2 buffers, consumers, 64, D]
+    qo_smem, k_smem, v_smem, *lse_smem = smem  # qo: [q_buffers, consumers, 64, D]; lse: [consumers, 64] or none
     k_ready, v_ready, q_ready = ready  # q_ready[buffer * consumers + consumer]
     k_used, v_used = used
     wg = lax.axis_index("wg")
@@ -425,16 +477,15 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
     @pl.when(wg < _FWD_CONSUMERS)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
-      lse_own = lse_smem.at[wg]
 
       def one_item(i, done):
         with _region("prologue"):
           b, hh, r, n_full, n_total, entry = item(i)
-          buf = lax.rem(i, jnp.int32(2))
+          buf = lax.rem(i, jnp.int32(q_buffers))
           qo_own = qo_smem.at[buf, wg]
           q_base = r * (_FWD_CONSUMERS * _ROWS) + wg * _ROWS
           q_ids = _leaf_ids(cfg, id_refs, 0, b, q_base, _ROWS, _row_vec)
-          slot_of = lambda s: lax.rem(done + s, jnp.int32(_STEPS))  # noqa: E731 - the ring runs on across items
+          slot_of = lambda s: lax.rem(done + s, jnp.int32(steps))  # noqa: E731 - the ring runs on across items
           plgpu.barrier_wait(q_ready.at[buf * _FWD_CONSUMERS + wg])
           m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), _layout().reduce(1))
           carry = (_zeros((_ROWS, d)), m, _zeros((_ROWS,)))
@@ -496,10 +547,16 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
           safe = jnp.where(seen, denom, 1.0)
           acc = acc * lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe, 0.0), acc.shape, (0,))
           qo_own[...] = acc.astype(cfg.dtype)
-          lse_own[...] = jnp.where(seen, (m + jnp.log2(safe)) / _LOG2E, jnp.inf)
+          lse = jnp.where(seen, (m + jnp.log2(safe)) / _LOG2E, jnp.inf)
+          lse_rows = lse_ref.at[b, hh, pl.ds(q_base, _ROWS)]
+          if lse_smem:
+            lse_smem[0].at[wg][...] = lse
+          else:  # no room in shared memory beside a deeper ring: from registers (64 floats)
+            lse_rows[...] = lse
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(qo_own, o_ref.at[b, pl.ds(q_base, _ROWS), hh])
-          plgpu.copy_smem_to_gmem(lse_own, lse_ref.at[b, hh, pl.ds(q_base, _ROWS)])
+          if lse_smem:
+            plgpu.copy_smem_to_gmem(lse_smem[0].at[wg], lse_rows)
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           plgpu.barrier_arrive(q_free.at[buf])  # the producer may load a later item's queries here
         return done + n_total
@@ -513,9 +570,9 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
       def one_item(i, done):
         with _region("load_q"):
           b, hh, r, _, n_total, entry = item(i)
-          buf = lax.rem(i, jnp.int32(2))
+          buf = lax.rem(i, jnp.int32(q_buffers))
 
-          @pl.when(i >= 2)
+          @pl.when(i >= q_buffers)
           def _():
             plgpu.barrier_wait(q_free.at[buf])
 
@@ -527,12 +584,12 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
         def _(s):
           with _region("load_kv"):
             fetched = done + s
-            slot = lax.rem(fetched, jnp.int32(_STEPS))
+            slot = lax.rem(fetched, jnp.int32(steps))
             # The list entry is read before the waits, so that its load from global memory overlaps them. Keys and
             # values are released separately (keys after the consumers' q k^T, values after their p v): the next
             # keys start loading half a step before the values' slot frees up.
             kv_rows = (b, pl.ds(entry(s) * bkv, bkv), hh)
-            refill = fetched >= _STEPS
+            refill = fetched >= steps
             pl.when(refill)(lambda: plgpu.barrier_wait(k_used.at[slot]))
             plgpu.copy_gmem_to_smem(k_ref.at[kv_rows], k_smem.at[slot], k_ready.at[slot])
             pl.when(refill)(lambda: plgpu.barrier_wait(v_used.at[slot]))
@@ -545,18 +602,18 @@ def _fwd_kernel(index_ref, counts_ref, q_ref, k_ref, v_ref, *refs, cfg: _Static,
   pl.run_scoped(
     scoped,
     (
-      _smem((2, _FWD_CONSUMERS, _ROWS, d), cfg.dtype),
-      _smem((_STEPS, bkv, d), cfg.dtype),
-      _smem((_STEPS, bkv, d), cfg.dtype),
-      plgpu.SMEM((_FWD_CONSUMERS, _ROWS), jnp.float32),
+      _smem((q_buffers, _FWD_CONSUMERS, _ROWS, d), cfg.dtype),
+      _smem((steps, bkv, d), cfg.dtype),
+      _smem((steps, bkv, d), cfg.dtype),
+      *([plgpu.SMEM((_FWD_CONSUMERS, _ROWS), jnp.float32)] if steps == _STEPS else []),
     ),
     (
-      plgpu.Barrier(num_barriers=_STEPS),
-      plgpu.Barrier(num_barriers=_STEPS),
-      plgpu.Barrier(num_barriers=2 * _FWD_CONSUMERS),
+      plgpu.Barrier(num_barriers=steps),
+      plgpu.Barrier(num_barriers=steps),
+      plgpu.Barrier(num_barriers=q_buffers * _FWD_CONSUMERS),
     ),
-    (plgpu.Barrier(num_arrivals=_FWD_CONSUMERS, num_barriers=_STEPS),) * 2,
-    plgpu.Barrier(num_arrivals=_FWD_CONSUMERS, num_barriers=2),
+    (plgpu.Barrier(num_arrivals=_FWD_CONSUMERS, num_barriers=steps),) * 2,
+    plgpu.Barrier(num_arrivals=_FWD_CONSUMERS, num_barriers=q_buffers),
     plgpu.Barrier(num_arrivals=_FWD_CONSUMERS),
     collective_axes="wg",
   )
@@ -585,7 +642,9 @@ def forward(
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bsz, h, lq), jnp.float32))
   items = bsz * h * (lq // bq)
   ctas = forward_ctas(items, interpret, km.even_rows)
-  body = functools.partial(_fwd_kernel, cfg=cfg, ctas=ctas, heads=h, rows=lq // bq)
+  q_buffers = 1 if ctas == items else 2  # a second buffer only where a CTA walks on to another item
+  steps = forward_ring(q_buffers, bkv, cfg.head_dim, q.dtype.itemsize)
+  body = functools.partial(_fwd_kernel, cfg=cfg, ctas=ctas, heads=h, rows=lq // bq, steps=steps, q_buffers=q_buffers)
   # Per item: prologue and epilogue, three regions per listed block (consumers; the producer enters fewer).
   regions = -(-items // ctas) * (2 + 3 * km.fwd.index.shape[-1])
   out, lse = _kernel_call(body, out_type, {"ctas": ctas}, _FWD_CONSUMERS, interpret, regions)(

@@ -175,6 +175,53 @@ def test_forward_ctas_follow_the_override_and_the_items(monkeypatch):
     mosaic_gpu.forward_ctas(8, interpret=False)
 
 
+@pytest.mark.parametrize(
+  "ctas, steps, d",
+  [("12", "3", 128), ("4", "3", 64), ("1", "4", 64)],
+  ids=["one-per-item-3-slots-d128", "persistent-3-slots-d64", "one-cta-4-slots-d64"],
+)
+def test_a_deeper_forward_ring_matches_xla(ctas, steps, d, rng, monkeypatch):
+  # 12 items. One CTA per item keeps one query buffer, and beside a ring deeper than two slots the lse rows go out
+  # from registers (the gradients read them); slots wrap across items at any depth.
+  monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, ctas)
+  monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, steps)
+  b, length = 2, 300
+  keep = np.arange(length)[None] < np.array([[300], [100]])
+  mask = kernel_masks(rng, length, b)["goldenmem"] & masks.padding_mask(keep)
+  q, k, v = make_qkv(6, b, length, length, 2, d, jnp.bfloat16)
+  _check(q, k, v, mask, interpret=True)
+
+
+def test_the_forward_ring_follows_the_override_where_it_fits(monkeypatch):
+  monkeypatch.delenv(mosaic_gpu.FWD_STEPS_ENV, raising=False)
+  assert mosaic_gpu.forward_ring(2, 128, 128, 2) == 2
+  monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, "3")
+  assert mosaic_gpu.forward_ring(1, 128, 128, 2) == 3
+  assert mosaic_gpu.forward_ring(2, 128, 64, 2) == 3
+  with pytest.raises(ValueError, match=r"FWD_STEPS=3: the forward would need 262144 bytes of shared memory \(2 query"):
+    mosaic_gpu.forward_ring(2, 128, 128, 2)
+  monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, "1")
+  with pytest.raises(ValueError, match="CINEMA_MOSAIC_GPU_FWD_STEPS must be an integer >= 2, got '1'"):
+    mosaic_gpu.forward_ring(1, 128, 128, 2)
+
+
+def test_a_three_slot_forward_ring_lowers_beside_one_query_buffer(monkeypatch):
+  # Mosaic GPU's own launch check counts every byte (alignment, barriers): three 128 x 128 slots at D = 128 fit with
+  # one query buffer and the lse rows out of shared memory (they did not with them: 128 bytes over).
+  monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, "3")
+  monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, "100")  # at least one per item: 16 items (2 heads x 8 rows)
+  spec = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
+  mask = _mask_of("ids", 1000)(None)
+
+  def fwd():  # a fresh function each time: the settings are read when it is traced
+    return lambda q, k, v: ck.block_sparse_attention(q, k, v, mask, flavour="mosaic_gpu", interpret=False)
+
+  assert _targets(fwd(), spec, spec, spec) == (1, 0)
+  monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, "4")  # persistent: two query buffers
+  with pytest.raises(ValueError, match="CINEMA_MOSAIC_GPU_FWD_STEPS=3: the forward would need"):
+    _targets(fwd(), spec, spec, spec)
+
+
 @pytest.mark.parametrize("bwd", BWD_TILES[1:], ids=lambda t: f"{t[0]}x{t[1]}")
 def test_interpreted_backward_tiles_match_xla(bwd, rng):
   # Two consumers share each listed block, and a listed 128-block may be empty for one of them or for one 64-part:
@@ -332,6 +379,17 @@ def test_the_persistent_forward_matches_xla_on_hopper(name, monkeypatch):
   length = 2048
   mask = benchmark_mask(name, length)
   q, k, v = make_qkv(5, 1, length, length, 4, 128, jnp.bfloat16)
+  _check(q, k, v, mask)
+
+
+@needs_hopper
+@pytest.mark.parametrize("name", ["8-segment", "goldenmem"])
+def test_a_three_slot_forward_ring_matches_xla_on_hopper(name, monkeypatch):
+  # One CTA per item: one query buffer, three key/value slots, the lse rows stored from registers.
+  monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, "3")
+  length = 2048
+  mask = benchmark_mask(name, length)
+  q, k, v = make_qkv(7, 1, length, length, 4, 128, jnp.bfloat16)
   _check(q, k, v, mask)
 
 
