@@ -43,7 +43,9 @@ def test_the_scheme_follows_the_rows_of_the_mask(monkeypatch):
   even = bench._kernel_scheme(q, bench.benchmark_mask("8-segment", 4096))
   uneven = bench._kernel_scheme(q, bench.benchmark_mask("frame-causal", 4096))
   assert "(persistent)" in even and "bwd tiles 128x128" in even
-  assert uneven.startswith("fwd 768 CTAs (one per item)")  # 24 heads x 32 rows of 128
+  assert uneven.startswith("fwd 768 CTAs (one per item), 2-slot ring")  # 24 heads x 32 rows of 128
+  monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, "3")
+  assert "(one per item), 3-slot ring" in bench._kernel_scheme(q, bench.benchmark_mask("frame-causal", 4096))
 
 
 def test_any_tile_flag_overrides_and_the_others_keep_the_defaults():

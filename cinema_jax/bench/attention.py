@@ -253,7 +253,8 @@ def profile_kernels(
 
 
 def _kernel_scheme(q: jax.Array, mask: masks.Mask | None) -> str:
-  """How the Mosaic GPU kernels run this mask: the forward's CTA count (persistent or one per item), backward tiles."""
+  """How the Mosaic GPU kernels run this mask: the forward's CTA count (persistent or one per item) and ring depth,
+  the backward tiles."""
   from cinema_kernels import mosaic_gpu, prepare_mask
 
   km = prepare_mask(mask, q, q, flavour="mosaic_gpu")
@@ -261,7 +262,8 @@ def _kernel_scheme(q: jax.Array, mask: masks.Mask | None) -> str:
   items = b * h * (km.q_pad // km.block_sizes.fwd[0])
   ctas = mosaic_gpu.forward_ctas(items, interpret=False, even_rows=km.even_rows)
   kind = "one per item" if ctas == items else "persistent"
-  return f"fwd {ctas} CTAs ({kind}), bwd tiles {km.block_sizes.bwd[0]}x{km.block_sizes.bwd[1]}"
+  ring = mosaic_gpu.forward_ring(1 if ctas == items else 2, km.block_sizes.fwd[1], q.shape[-1], q.dtype.itemsize)
+  return f"fwd {ctas} CTAs ({kind}), {ring}-slot ring, bwd tiles {km.block_sizes.bwd[0]}x{km.block_sizes.bwd[1]}"
 
 
 def _write_json(path: str, records: list[dict[str, Any]]) -> None:
