@@ -16,7 +16,7 @@ mask; partial tiles evaluate the mask's expression on the ids of their rows (loa
   log-sum-exp [B, H, L] in natural-log units; a row that sees no key ends with ``l = 0``: output 0, lse ``+inf``.
   A list of CTAs walks the (row, head, sample) items: one CTA per item by default, or persistent (one per SM walking
   a share of the items, its producer loading the next item's queries and first blocks while the consumers finish
-  the current one); see ``forward_ctas``. Its key/value ring has two slots, or more for tuning (``forward_ring``).
+  the current one); see ``forward_plan``. Its key/value ring has two slots, or more for tuning (``forward_ring``).
 * **dq** (tiles ``block_q_bwd x block_kv_bwd``): per query block over its key blocks, ``p = exp(s - lse)``,
   ``dp = dO v^T``, ``ds = p (dp - delta)``, ``dq += ds k``.
 * **dk/dv** (same tiles, transposed lists): per key block over its query blocks (with dO, lse and delta),
@@ -394,16 +394,22 @@ def forward_ctas(items: int, interpret: bool, even_rows: bool = True) -> int:
 
 FWD_STEPS_ENV = "CINEMA_MOSAIC_GPU_FWD_STEPS"
 _SMEM_BYTES = 227 * 1024  # shared memory one CTA may have on Hopper
+# Beside the kernel's buffers, Mosaic GPU's launch check counts 2 KiB of its own scratch and 8 bytes a barrier.
+_MOSAIC_SCRATCH_BYTES = 2048
+_BARRIER_BYTES = 8
 
 
 def _fwd_smem_bytes(q_buffers: int, steps: int, block_kv: int, head_dim: int, itemsize: int) -> int:
-  """The forward's shared-memory buffers, each aligned to 1 KiB as Pallas places them: query/output buffers, the
-  key and value ring, and with two slots the lse rows (beside a deeper ring there is no room for them: they go out
-  from registers). Barriers and Mosaic GPU's own scratch come on top; its launch check sees those."""
+  """The forward's shared memory as Mosaic GPU's launch check counts it: the buffers, each aligned to 1 KiB as
+  Pallas places them (query/output buffers, the key and value ring, and with two slots the lse rows; beside a deeper
+  ring they go out from registers), the barriers and Mosaic GPU's own scratch."""
   align = lambda n: -(-n // 1024) * 1024  # noqa: E731
   queries = align(q_buffers * _FWD_CONSUMERS * _ROWS * head_dim * itemsize)
   lse = align(_FWD_CONSUMERS * _ROWS * 4) if steps == _STEPS else 0
-  return queries + 2 * align(steps * block_kv * head_dim * itemsize) + lse
+  # ready and used for keys and values, a query-ready per buffer and consumer, a query-free per buffer, the turn
+  barriers = 4 * steps + q_buffers * (_FWD_CONSUMERS + 1) + 1
+  ring = 2 * align(steps * block_kv * head_dim * itemsize)
+  return queries + ring + lse + barriers * _BARRIER_BYTES + _MOSAIC_SCRATCH_BYTES
 
 
 def forward_ring(q_buffers: int, block_kv: int, head_dim: int, itemsize: int) -> int:
@@ -411,8 +417,8 @@ def forward_ring(q_buffers: int, block_kv: int, head_dim: int, itemsize: int) ->
 
   A deeper ring lets the producer run further ahead (a short row's first blocks all in flight at once; more slack
   for a late copy). Three slots of 128 x 128 at D = 128 fit beside one query buffer (one CTA per item, the default)
-  once the lse rows leave shared memory, not beside the persistent forward's two query buffers. Not timed on a GPU
-  yet, hence not the default.
+  once the lse rows leave shared memory, not beside the persistent forward's two query buffers, nor beside the
+  in-kernel profiler's buffer (``profiling`` keeps two slots). Not timed on a GPU yet, hence not the default.
   """
   env = os.environ.get(FWD_STEPS_ENV, "").strip()
   if not env:
@@ -420,6 +426,11 @@ def forward_ring(q_buffers: int, block_kv: int, head_dim: int, itemsize: int) ->
   if not (env.isdigit() and int(env) >= 2):
     raise ValueError(f"{FWD_STEPS_ENV} must be an integer >= 2, got {env!r}")
   steps = int(env)
+  if steps > _STEPS and _PROFILE_DIR.get() is not None:
+    raise ValueError(
+      f"{FWD_STEPS_ENV}={steps} while profiling: the profiler keeps its buffer in the shared memory a deeper ring "
+      f"takes; profile with the default {_STEPS} slots"
+    )
   need = _fwd_smem_bytes(q_buffers, steps, block_kv, head_dim, itemsize)
   if need > _SMEM_BYTES:
     raise ValueError(
@@ -428,6 +439,31 @@ def forward_ring(q_buffers: int, block_kv: int, head_dim: int, itemsize: int) ->
       "(one CTA per item keeps one query buffer; the persistent forward keeps two)"
     )
   return steps
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardPlan:
+  """How the forward runs: ``ctas`` walking ``items`` (row of tiles, head, sample), ``q_buffers`` query buffers
+  (two only where a CTA walks on to another item) and a key/value ring of ``steps`` slots."""
+
+  items: int
+  ctas: int
+  q_buffers: int
+  steps: int
+
+  @property
+  def persistent(self) -> bool:
+    return self.ctas < self.items
+
+
+def forward_plan(q: jax.Array, km: KernelMask, interpret: bool) -> ForwardPlan:
+  """The plan for padded ``q`` [B, Lq_pad, H, D] under ``km`` (inputs these kernels support)."""
+  bsz, lq, h, d = q.shape
+  bq, bkv = km.block_sizes.fwd
+  items = bsz * h * (lq // bq)
+  ctas = forward_ctas(items, interpret, km.even_rows)
+  q_buffers = 1 if ctas == items else 2
+  return ForwardPlan(items, ctas, q_buffers, forward_ring(q_buffers, bkv, d, jnp.dtype(q.dtype).itemsize))
 
 
 def _fwd_kernel(
@@ -640,14 +676,13 @@ def forward(
   bq, bkv = km.block_sizes.fwd
   cfg = _static(km, km.fwd, _ROWS, bkv, scale, q)
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bsz, h, lq), jnp.float32))
-  items = bsz * h * (lq // bq)
-  ctas = forward_ctas(items, interpret, km.even_rows)
-  q_buffers = 1 if ctas == items else 2  # a second buffer only where a CTA walks on to another item
-  steps = forward_ring(q_buffers, bkv, cfg.head_dim, q.dtype.itemsize)
-  body = functools.partial(_fwd_kernel, cfg=cfg, ctas=ctas, heads=h, rows=lq // bq, steps=steps, q_buffers=q_buffers)
+  plan = forward_plan(q, km, interpret)
+  body = functools.partial(
+    _fwd_kernel, cfg=cfg, ctas=plan.ctas, heads=h, rows=lq // bq, steps=plan.steps, q_buffers=plan.q_buffers
+  )
   # Per item: prologue and epilogue, three regions per listed block (consumers; the producer enters fewer).
-  regions = -(-items // ctas) * (2 + 3 * km.fwd.index.shape[-1])
-  out, lse = _kernel_call(body, out_type, {"ctas": ctas}, _FWD_CONSUMERS, interpret, regions)(
+  regions = -(-plan.items // plan.ctas) * (2 + 3 * km.fwd.index.shape[-1])
+  out, lse = _kernel_call(body, out_type, {"ctas": plan.ctas}, _FWD_CONSUMERS, interpret, regions)(
     *_lists(km.fwd), q, k, v, *_ids(km)
   )
   return out, lse, None

@@ -206,3 +206,17 @@ def test_a_failing_set_up_or_queue_leaves_the_rest_of_the_table(monkeypatch):
   assert all(
     r["ms"] > 0 and r["ms_queued"] is None and r["queued_error"].startswith("MemoryError") for r in records[2:]
   )
+
+
+def test_a_refused_kernel_setting_is_a_failed_record_not_a_crash(monkeypatch):
+  from cinema_kernels import DEFAULT_BLOCK_SIZES, mosaic_gpu
+
+  monkeypatch.setattr(bench, "_kernel_tiles_in_force", lambda: ("mosaic_gpu", False, DEFAULT_BLOCK_SIZES["mosaic_gpu"]))
+  monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, "3")
+  monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, "2")  # 4 items: persistent, two query buffers leave no room
+  args = dict(batch=1, heads=2, head_dim=128, dtype=jnp.bfloat16, iters=1, warmup=1, backward=False, xla_max_length=256)
+  records = bench.run([256], ["dense"], ["pallas", "xla"], **args)
+  assert records[0]["ms"] is None and "CINEMA_MOSAIC_GPU_FWD_STEPS=3: the forward would need" in records[0]["error"]
+  assert records[1]["ms"] > 0
+  # Inputs outside the Mosaic GPU kernels' scope run the Triton kernels: no scheme to name.
+  assert bench._kernel_scheme(jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32), None) is None

@@ -175,21 +175,51 @@ def test_forward_ctas_follow_the_override_and_the_items(monkeypatch):
     mosaic_gpu.forward_ctas(8, interpret=False)
 
 
+def _check_forward_and_lse(q, k, v, mask):
+  """The interpreted forward alone: its output against XLA's, its lse against the reference log-sum-exp (``+inf``
+  on rows that see no key, which the backward never reads, so gradients would not tell)."""
+  km = ck.prepare_mask(mask, q, k, flavour="mosaic_gpu", interpret=True)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+  scale = q.shape[-1] ** -0.5
+  out, lse, _ = mosaic_gpu.forward(pad(q, km.q_pad), pad(k, km.kv_pad), pad(v, km.kv_pad), km, scale, interpret=True)
+  b, lq, _, _ = q.shape
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  assert rel_err(out[:, :lq], xla(*f32, mask)) < 2e-2
+  dense = np.broadcast_to(np.asarray(mask.to_dense(lq, k.shape[1])), (b, lq, k.shape[1]))
+  scores = jnp.einsum("bqhd,bkhd->bhqk", f32[0], f32[1], precision="highest") * scale
+  ref = np.asarray(jax.nn.logsumexp(jnp.where(dense[:, None], scores, -jnp.inf), axis=-1))  # [B, H, Lq]
+  lse = np.asarray(lse[:, :, :lq])
+  blind = np.broadcast_to(~dense.any(-1)[:, None], lse.shape)
+  assert blind.any() and np.all(np.isposinf(lse[blind]))
+  np.testing.assert_allclose(lse[~blind], ref[~blind], rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize(
-  "ctas, steps, d",
-  [("12", "3", 128), ("4", "3", 64), ("1", "4", 64)],
-  ids=["one-per-item-3-slots-d128", "persistent-3-slots-d64", "one-cta-4-slots-d64"],
+  "ctas, steps, d, length",
+  [("100", "3", 128, 600), ("4", "4", 64, 300), ("1", "3", 64, 300)],
+  ids=["one-per-item-3-slots-d128", "persistent-4-slots-d64", "one-cta-3-slots-d64"],
 )
-def test_a_deeper_forward_ring_matches_xla(ctas, steps, d, rng, monkeypatch):
-  # 12 items. One CTA per item keeps one query buffer, and beside a ring deeper than two slots the lse rows go out
-  # from registers (the gradients read them); slots wrap across items at any depth.
+def test_a_deeper_forward_ring_matches_xla(ctas, steps, d, length, rng, monkeypatch):
+  # One CTA per item keeps one query buffer (rows of up to 5 blocks refill the three slots); CTAs walking several
+  # items keep two, and their rows start at ring slots other than 0. Beside a ring deeper than two slots the lse rows
+  # go out from registers.
   monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, ctas)
   monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, steps)
-  b, length = 2, 300
-  keep = np.arange(length)[None] < np.array([[300], [100]])
+  b = 2
+  keep = np.arange(length)[None] < np.array([[length], [100]])  # sample 1: rows from 100 on see nothing
   mask = kernel_masks(rng, length, b)["goldenmem"] & masks.padding_mask(keep)
   q, k, v = make_qkv(6, b, length, length, 2, d, jnp.bfloat16)
-  _check(q, k, v, mask, interpret=True)
+  _check_forward_and_lse(q, k, v, mask)
+
+
+def test_the_two_slot_forward_stores_lse_through_shared_memory(rng, monkeypatch):
+  monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, "2")
+  monkeypatch.delenv(mosaic_gpu.FWD_STEPS_ENV, raising=False)
+  b, length = 2, 300
+  keep = np.arange(length)[None] < np.array([[length], [100]])
+  mask = kernel_masks(rng, length, b)["hybrid"] & masks.padding_mask(keep)
+  q, k, v = make_qkv(8, b, length, length, 2, 64, jnp.bfloat16)
+  _check_forward_and_lse(q, k, v, mask)
 
 
 def test_the_forward_ring_follows_the_override_where_it_fits(monkeypatch):
@@ -198,7 +228,7 @@ def test_the_forward_ring_follows_the_override_where_it_fits(monkeypatch):
   monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, "3")
   assert mosaic_gpu.forward_ring(1, 128, 128, 2) == 3
   assert mosaic_gpu.forward_ring(2, 128, 64, 2) == 3
-  with pytest.raises(ValueError, match=r"FWD_STEPS=3: the forward would need 262144 bytes of shared memory \(2 query"):
+  with pytest.raises(ValueError, match=r"FWD_STEPS=3: the forward would need 264344 bytes of shared memory \(2 query"):
     mosaic_gpu.forward_ring(2, 128, 128, 2)
   monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, "1")
   with pytest.raises(ValueError, match="CINEMA_MOSAIC_GPU_FWD_STEPS must be an integer >= 2, got '1'"):
@@ -383,11 +413,13 @@ def test_the_persistent_forward_matches_xla_on_hopper(name, monkeypatch):
 
 
 @needs_hopper
-@pytest.mark.parametrize("name", ["8-segment", "goldenmem"])
-def test_a_three_slot_forward_ring_matches_xla_on_hopper(name, monkeypatch):
-  # One CTA per item: one query buffer, three key/value slots, the lse rows stored from registers.
+@pytest.mark.parametrize("name, length", [("8-segment", 4096), ("goldenmem", 2048)])
+def test_a_three_slot_forward_ring_matches_xla_on_hopper(name, length, monkeypatch):
+  # One CTA per item: one query buffer, three key/value slots refilled (rows of 4 to 16 blocks), the lse rows stored
+  # from registers.
   monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, "3")
-  length = 2048
+  monkeypatch.delenv(mosaic_gpu.FWD_CTAS_ENV, raising=False)
+  monkeypatch.setattr(mosaic_gpu, "PERSISTENT_BY_DEFAULT", False)
   mask = benchmark_mask(name, length)
   q, k, v = make_qkv(7, 1, length, length, 4, 128, jnp.bfloat16)
   _check(q, k, v, mask)

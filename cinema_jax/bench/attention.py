@@ -168,14 +168,14 @@ def run(
             skipped.add((impl, reason))
             print(f"skipping {impl}: {reason}", flush=True)
           continue
-        scheme = _kernel_scheme(q, mask) if impl == "pallas" and flavour == "mosaic_gpu" else None
         fn = None
         for direction in ("fwd", "fwd+bwd") if backward else ("fwd",):
           record = dict(length=length, mask=name, density=density, tiles=tiles, impl=impl, direction=direction)
-          if scheme:
-            record["scheme"] = scheme
           # One failing implementation (an import, its own set-up, a compile, memory) must not stop the table.
           try:
+            scheme = _kernel_scheme(q, mask) if impl == "pallas" and flavour == "mosaic_gpu" else None
+            if scheme:
+              record["scheme"] = scheme
             fn = _attention_fn(impl, mask, name, length) if fn is None else fn
             jitted = jax.jit(fn if direction == "fwd" else _grad_fn(fn))
             seconds = timing.time_call(jitted, q, k, v, warmup=warmup, iters=iters, warmup_seconds=warmup_seconds)
@@ -252,18 +252,19 @@ def profile_kernels(
   return profiles
 
 
-def _kernel_scheme(q: jax.Array, mask: masks.Mask | None) -> str:
+def _kernel_scheme(q: jax.Array, mask: masks.Mask | None) -> str | None:
   """How the Mosaic GPU kernels run this mask: the forward's CTA count (persistent or one per item) and ring depth,
-  the backward tiles."""
+  the backward tiles; None where the inputs are outside their scope (the Triton kernels run them)."""
   from cinema_kernels import mosaic_gpu, prepare_mask
 
   km = prepare_mask(mask, q, q, flavour="mosaic_gpu")
-  b, length, h, _ = q.shape
-  items = b * h * (km.q_pad // km.block_sizes.fwd[0])
-  ctas = mosaic_gpu.forward_ctas(items, interpret=False, even_rows=km.even_rows)
-  kind = "one per item" if ctas == items else "persistent"
-  ring = mosaic_gpu.forward_ring(1 if ctas == items else 2, km.block_sizes.fwd[1], q.shape[-1], q.dtype.itemsize)
-  return f"fwd {ctas} CTAs ({kind}), {ring}-slot ring, bwd tiles {km.block_sizes.bwd[0]}x{km.block_sizes.bwd[1]}"
+  if not mosaic_gpu.supports(q, km):
+    return None
+  b, _, h, d = q.shape
+  plan = mosaic_gpu.forward_plan(jax.ShapeDtypeStruct((b, km.q_pad, h, d), q.dtype), km, interpret=False)
+  kind = "persistent" if plan.persistent else "one per item"
+  bwd = km.block_sizes.bwd
+  return f"fwd {plan.ctas} CTAs ({kind}), {plan.steps}-slot ring, bwd tiles {bwd[0]}x{bwd[1]}"
 
 
 def _write_json(path: str, records: list[dict[str, Any]]) -> None:
