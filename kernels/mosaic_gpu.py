@@ -399,13 +399,18 @@ _MOSAIC_SCRATCH_BYTES = 2048
 _BARRIER_BYTES = 8
 
 
+def _lse_through_smem(steps: int) -> bool:
+  """Whether the forward's lse rows go out through shared memory (TMA), or from registers beside a deeper ring."""
+  return steps == _STEPS
+
+
 def _fwd_smem_bytes(q_buffers: int, steps: int, block_kv: int, head_dim: int, itemsize: int) -> int:
   """The forward's shared memory as Mosaic GPU's launch check counts it: the buffers, each aligned to 1 KiB as
   Pallas places them (query/output buffers, the key and value ring, and with two slots the lse rows; beside a deeper
   ring they go out from registers), the barriers and Mosaic GPU's own scratch."""
   align = lambda n: -(-n // 1024) * 1024  # noqa: E731
   queries = align(q_buffers * _FWD_CONSUMERS * _ROWS * head_dim * itemsize)
-  lse = align(_FWD_CONSUMERS * _ROWS * 4) if steps == _STEPS else 0
+  lse = align(_FWD_CONSUMERS * _ROWS * 4) if _lse_through_smem(steps) else 0
   # ready and used for keys and values, a query-ready per buffer and consumer, a query-free per buffer, the turn
   barriers = 4 * steps + q_buffers * (_FWD_CONSUMERS + 1) + 1
   ring = 2 * align(steps * block_kv * head_dim * itemsize)
@@ -474,22 +479,22 @@ def _fwd_kernel(
   v_ref,
   *refs,
   cfg: _Static,
-  ctas: int,
+  plan: ForwardPlan,
   heads: int,
   rows: int,
-  steps: int,
-  q_buffers: int,
 ):
   """Persistent: CTA ``c`` walks the items (row of tiles, head, sample) ``c, c + ctas, ...``, rows fastest.
 
   The producer runs ahead across items: it loads the next item's query rows into the other of two query buffers
-  (``q_buffers``; one when each CTA has one item) and its first key/value blocks into the ring of ``steps`` slots
+  (``plan.q_buffers``; one when each CTA has one item) and its first key/value blocks into the ring of ``plan.steps``
+  slots
   while the consumers finish the current item and store its output, so a short row (8 segments: 16 blocks) does not
   pay its start-up and its epilogue in sequence.
   """
   plgpu = _compat.plgpu()
   id_refs, (o_ref, lse_ref) = refs[: len(refs) - 2], refs[len(refs) - 2 :]
   bkv, d = cfg.cols, cfg.head_dim
+  ctas, steps, q_buffers = plan.ctas, plan.steps, plan.q_buffers
   cta = lax.axis_index("ctas")
   n_items = lax.div(jnp.int32(rows * heads * counts_ref.shape[0]) - cta + (ctas - 1), jnp.int32(ctas))
 
@@ -641,7 +646,7 @@ def _fwd_kernel(
       _smem((q_buffers, _FWD_CONSUMERS, _ROWS, d), cfg.dtype),
       _smem((steps, bkv, d), cfg.dtype),
       _smem((steps, bkv, d), cfg.dtype),
-      *([plgpu.SMEM((_FWD_CONSUMERS, _ROWS), jnp.float32)] if steps == _STEPS else []),
+      *([plgpu.SMEM((_FWD_CONSUMERS, _ROWS), jnp.float32)] if _lse_through_smem(steps) else []),
     ),
     (
       plgpu.Barrier(num_barriers=steps),
@@ -677,9 +682,7 @@ def forward(
   cfg = _static(km, km.fwd, _ROWS, bkv, scale, q)
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((bsz, h, lq), jnp.float32))
   plan = forward_plan(q, km, interpret)
-  body = functools.partial(
-    _fwd_kernel, cfg=cfg, ctas=plan.ctas, heads=h, rows=lq // bq, steps=plan.steps, q_buffers=plan.q_buffers
-  )
+  body = functools.partial(_fwd_kernel, cfg=cfg, plan=plan, heads=h, rows=lq // bq)
   # Per item: prologue and epilogue, three regions per listed block (consumers; the producer enters fewer).
   regions = -(-plan.items // plan.ctas) * (2 + 3 * km.fwd.index.shape[-1])
   out, lse = _kernel_call(body, out_type, {"ctas": plan.ctas}, _FWD_CONSUMERS, interpret, regions)(

@@ -168,15 +168,16 @@ def run(
             skipped.add((impl, reason))
             print(f"skipping {impl}: {reason}", flush=True)
           continue
-        fn = None
+        fn = scheme = None  # set up once per implementation, by its first direction
         for direction in ("fwd", "fwd+bwd") if backward else ("fwd",):
           record = dict(length=length, mask=name, density=density, tiles=tiles, impl=impl, direction=direction)
           # One failing implementation (an import, its own set-up, a compile, memory) must not stop the table.
           try:
-            scheme = _kernel_scheme(q, mask) if impl == "pallas" and flavour == "mosaic_gpu" else None
+            if fn is None:
+              scheme = _kernel_scheme(q, mask) if impl == "pallas" and flavour == "mosaic_gpu" else None
+              fn = _attention_fn(impl, mask, name, length)
             if scheme:
               record["scheme"] = scheme
-            fn = _attention_fn(impl, mask, name, length) if fn is None else fn
             jitted = jax.jit(fn if direction == "fwd" else _grad_fn(fn))
             seconds = timing.time_call(jitted, q, k, v, warmup=warmup, iters=iters, warmup_seconds=warmup_seconds)
             flops = attention_flops(length, heads, head_dim, batch, density, direction != "fwd")
