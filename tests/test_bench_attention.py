@@ -220,3 +220,111 @@ def test_a_refused_kernel_setting_is_a_failed_record_not_a_crash(monkeypatch):
   assert records[1]["ms"] > 0
   # Inputs outside the Mosaic GPU kernels' scope run the Triton kernels: no scheme to name.
   assert bench._kernel_scheme(jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32), None) is None
+
+
+# A profile as a GPU writes it: CUPTI's stream lines beside lines that repeat their spans, and a host plane.
+_GPU_PROFILE = """
+planes {
+  id: 1 name: "/device:GPU:0"
+  lines { id: 7 name: "Stream #7(Kernel,MemcpyH2D)" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 600000000 }
+    events { metadata_id: 2 offset_ps: 700000000 duration_ps: 50000000 }
+    events { metadata_id: 1 offset_ps: 900000000 duration_ps: 640000000 }
+    events { metadata_id: 2 offset_ps: 1600000000 duration_ps: 70000000 } }
+  lines { id: 8 name: "Stream #9(Kernel)" timestamp_ns: 1000
+    events { metadata_id: 3 offset_ps: 0 duration_ps: 20000000 } }
+  lines { id: 9 name: "XLA Ops" timestamp_ns: 1000 events { metadata_id: 4 offset_ps: 0 duration_ps: 900000000 } }
+  lines { id: 10 name: "CUPTI overhead" timestamp_ns: 1000
+    events { metadata_id: 5 offset_ps: 0 duration_ps: 5000000 } }
+  event_metadata { key: 1 value { id: 1 name: "fwd_kernel" } }
+  event_metadata { key: 2 value { id: 2 name: "MemcpyH2D" } }
+  event_metadata { key: 3 value { id: 3 name: "loop_fusion" } }
+  event_metadata { key: 4 value { id: 4 name: "custom-call.1" } }
+  event_metadata { key: 5 value { id: 5 name: "overhead" } }
+}
+planes {
+  id: 2 name: "/host:CPU"
+  lines { id: 1 name: "python" timestamp_ns: 1000 events { metadata_id: 1 offset_ps: 0 duration_ps: 9000000000 } }
+  event_metadata { key: 1 value { id: 1 name: "PjitFunction(fn)" } }
+}
+"""
+
+
+def test_device_time_adds_up_the_stream_events_per_call():
+  from jax.profiler import ProfileData
+
+  from cinema_jax.bench import timing
+
+  measured = timing.device_time_from_profile(ProfileData.from_text_proto(_GPU_PROFILE), calls=2)
+  # Two calls: the kernel 0.60 + 0.64 ms, the copies 0.05 + 0.07 ms, a fusion 0.02 ms on another stream; neither the
+  # ops line (it repeats the stream's spans), the tracer's own overhead nor the host counts.
+  assert list(measured.kernels) == ["fwd_kernel", "MemcpyH2D", "loop_fusion"]  # longest first
+  np.testing.assert_allclose(list(measured.kernels.values()), [0.62, 0.06, 0.01], rtol=1e-9)
+  np.testing.assert_allclose(measured.ms, 0.69, rtol=1e-9)
+
+
+def test_device_time_takes_the_ops_line_where_a_plane_has_no_streams():
+  from jax.profiler import ProfileData
+
+  from cinema_jax.bench import timing
+
+  tpu = _GPU_PROFILE.replace("/device:GPU:0", "/device:TPU:0").replace('name: "Stream #', 'name: "Core #')
+  measured = timing.device_time_from_profile(ProfileData.from_text_proto(tpu), calls=3)
+  assert measured.kernels == pytest.approx({"custom-call.1": 0.3})
+
+
+def test_device_time_names_a_profile_without_device_activity():
+  from jax.profiler import ProfileData
+
+  from cinema_jax.bench import timing
+
+  host_only = _GPU_PROFILE[_GPU_PROFILE.index("planes {\n  id: 2") :]
+  with pytest.raises(RuntimeError, match=r"no device activity .*planes: \['/host:CPU'\]"):
+    timing.device_time_from_profile(ProfileData.from_text_proto(host_only), calls=1)
+  with pytest.raises(ValueError, match="calls must be >= 1"):
+    timing.device_time_from_profile(ProfileData.from_text_proto(_GPU_PROFILE), calls=0)
+  # A real trace on the CPU holds host threads only: the same error, from the profiler's own output.
+  fn = jax.jit(lambda x: x * 2)
+  x = jnp.ones((8,))
+  fn(x)
+  with pytest.raises(RuntimeError, match="no device activity"):
+    timing.device_time(fn, x, calls=2)
+
+
+def test_device_times_join_the_records_and_a_failing_trace_leaves_the_timings(monkeypatch, capsys):
+  from cinema_jax.bench import timing
+
+  traced = []
+
+  def device_time(fn, *args, calls):
+    traced.append(calls)
+    return timing.DeviceTime(ms=0.5, kernels={"fwd_kernel_with_a_very_long_mangled_name" * 3: 0.4, "copy": 0.1})
+
+  monkeypatch.setattr(timing, "device_time", device_time)
+  args = dict(batch=1, heads=2, head_dim=64, dtype=jnp.float32, iters=3, warmup=1, backward=False, xla_max_length=128)
+  records = bench.run([128], ["dense"], ["xla"], device_time=True, **args)
+  assert traced == [3]  # as many calls traced as timed
+  assert records[0]["ms"] > 0 and records[0]["ms_device"] == 0.5 and list(records[0]["kernels"].values()) == [0.4, 0.1]
+  assert (
+    "(device 0.500: " + ("fwd_kernel_with_a_very_long_mangled_name" * 2)[:48] + " 0.400, copy 0.100)"
+    in capsys.readouterr().out
+  )
+  header = bench.table(records).splitlines()[0].split()
+  assert header[header.index("ms") + 1 : header.index("ms") + 3] == ["device", "ms"]
+
+  def no_tracer(fn, *args, calls):
+    raise RuntimeError("the profile holds no device activity")
+
+  monkeypatch.setattr(timing, "device_time", no_tracer)
+  records = bench.run([128], ["dense"], ["xla"], device_time=True, **args)
+  assert records[0]["ms"] > 0 and records[0]["ms_device"] is None
+  assert records[0]["device_error"] == "RuntimeError: the profile holds no device activity"
+  assert "device" not in bench.table(records)
+
+
+def test_the_json_carries_the_per_call_floor(tmp_path, capsys):
+  out = tmp_path / "records.json"
+  assert bench.main(["--quick", "--masks", "dense", "--impls", "xla", "--json", str(out)]) == 0
+  payload = json.loads(out.read_text())
+  assert 0 < payload["call_floor_ms"] < min(r["ms"] for r in payload["records"])
+  assert "a trivial jitted call, waited for:" in capsys.readouterr().out

@@ -14,7 +14,10 @@ implementation="cudnn")``: ``is_causal`` for the causal mask, the mask given den
 would), ``xla`` (``jax.nn.dot_product_attention(implementation="xla")`` with the dense mask) and ``splash`` (JAX's
 block-sparse TPU kernel with the same mask: the TPU reference, see ``bench.splash``; TPU only, interpreted on the
 CPU). Each is timed forward and forward+backward (``jax.grad`` of the float32 sum w.r.t. q, k, v), median of
-``--iters`` runs after warm-up.
+``--iters`` runs after warm-up, each call waited for. Two more figures tell the host's share of a short call from the
+device's: ``--queue N`` times N calls queued back to back, and ``--device-time`` reads what the device itself spent
+per call, per kernel, from a profiler trace; the header gives a trivial jitted call's time, the floor under every
+per-call figure.
 
 Figures are reported the way the peer anchor scripts report them: B=1, H=24, D=128, bf16; FLOPs = 4 B L^2 H D x
 density (useful work only) for the forward and 3.5 x that for forward+backward; and every time also as a ratio to
@@ -139,13 +142,16 @@ def run(
   xla_max_length: int,
   warmup_seconds: float = 0.0,
   queue: int = 0,
+  device_time: bool = False,
   on_record: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
   """Times every (length, mask, implementation, direction); returns one record per measurement.
 
   ``ms`` is the median time of one call waited for (as the peer anchor scripts time); with ``queue`` >= 2 a record
   also has ``ms_queued``, the time per call of ``queue`` calls queued back to back (``timing.time_call``): the device
-  time, without the host's dispatch and wait.
+  time, without the host's dispatch and wait. With ``device_time`` a record also has ``ms_device``, what the device
+  itself spent per call (its kernels' durations from a profiler trace, ``timing.device_time``), and ``kernels``, the
+  same per kernel.
 
   ``on_record`` sees the records so far (ratios filled in where their reference is measured) after each one, so a
   run cut short keeps what it measured.
@@ -191,6 +197,12 @@ def run(
             except Exception as e:  # noqa: BLE001
               record.update(ms_queued=None, queued_error=f"{type(e).__name__}: {str(e)[:160]}")
               traceback.print_exc(file=sys.stderr)
+          if device_time and record["ms"] is not None:
+            try:  # a trace needs the profiler's device tracer (CUPTI on a GPU): without it the timings stand
+              measured = timing.device_time(jitted, q, k, v, calls=iters)
+              record.update(ms_device=measured.ms, kernels=measured.kernels)
+            except Exception as e:  # noqa: BLE001
+              record.update(ms_device=None, device_error=f"{type(e).__name__}: {str(e)[:160]}")
           records.append(record)
           print(_progress_line(record), flush=True)
           if on_record is not None:
@@ -268,8 +280,8 @@ def _kernel_scheme(q: jax.Array, mask: masks.Mask | None) -> str | None:
   return f"fwd {plan.ctas} CTAs ({kind}), {plan.steps}-slot ring, bwd tiles {bwd[0]}x{bwd[1]}"
 
 
-def _write_json(path: str, records: list[dict[str, Any]]) -> None:
-  payload = dict(device=timing.device_description(), records=records)
+def _write_json(path: str, records: list[dict[str, Any]], call_floor_ms: float | None = None) -> None:
+  payload = dict(device=timing.device_description(), call_floor_ms=call_floor_ms, records=records)
   write_atomic(path, json.dumps(payload, indent=1).encode())
 
 
@@ -279,8 +291,17 @@ def _progress_line(r: dict[str, Any]) -> str:
     ms += f" ({r['ms_queued']:.3f} queued)"
   elif r.get("queued_error"):
     ms += f" (queued: FAIL {r['queued_error']})"
+  if r.get("ms_device") is not None:
+    kernels = ", ".join(f"{name[:_KERNEL_NAME]} {t:.3f}" for name, t in list(r["kernels"].items())[:_KERNELS_SHOWN])
+    ms += f" (device {r['ms_device']:.3f}: {kernels})"
+  elif r.get("device_error"):
+    ms += f" (device: FAIL {r['device_error']})"
   scheme = f"  [{r['scheme']}]" if r.get("scheme") else ""
   return f"  L={r['length']} {r['mask']:<12} {r['impl']:<6} {r['direction']:<7} {ms}{scheme}"
+
+
+_KERNELS_SHOWN = 4  # the longest kernels of a record named on its progress line (the JSON keeps them all)
+_KERNEL_NAME = 48  # characters of a kernel's name shown there
 
 
 def _add_ratios(records: list[dict[str, Any]]) -> None:
@@ -321,10 +342,13 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
 
 def table(records: list[dict[str, Any]]) -> str:
   queued = any(r.get("ms_queued") is not None for r in records)
+  device = any(r.get("ms_device") is not None for r in records)
   splash = any(r.get("ratio_splash") is not None for r in records)
   header = ["L", "mask", "density", "tiles", "impl", "pass", "ms", "TFLOP/s", "x ref dense", "ref"]
   if splash:
     header.append("x splash")
+  if device:
+    header.insert(7, "device ms")
   if queued:
     header.insert(7, "queued ms")
   rows = []
@@ -343,6 +367,8 @@ def table(records: list[dict[str, Any]]) -> str:
     ]
     if splash:
       row.append("-" if r.get("ratio_splash") is None else float(r["ratio_splash"]))
+    if device:
+      row.insert(7, "-" if r.get("ms_device") is None else float(r["ms_device"]))
     if queued:
       row.insert(7, "-" if r.get("ms_queued") is None else float(r["ms_queued"]))
     rows.append(row)
@@ -369,6 +395,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     default=0,
     metavar="N",
     help="also time N calls queued back to back (device time per call, without the host's dispatch and wait)",
+  )
+  p.add_argument(
+    "--device-time",
+    action="store_true",
+    help="also record what the device itself spent per call, and per kernel, from a profiler trace (GPU: CUPTI)",
   )
   p.add_argument("--no-backward", action="store_true", help="time the forward only")
   p.add_argument("--xla-max-length", type=int, default=16384, help="skip XLA above this length (L^2 memory)")
@@ -448,6 +479,9 @@ def main(argv: list[str]) -> int:
     flush=True,
   )
   shape = dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=jnp.dtype(args.dtype))
+  floor_ms = None if args.profile_kernels else timing.call_floor() * 1e3
+  if floor_ms is not None:
+    print(f"a trivial jitted call, waited for: {floor_ms:.3f} ms (the floor under every 'ms' figure: the host's dispatch and wait)", flush=True)
   sizes = tile_override(args)
   with contextlib.ExitStack() as stack:
     if sizes is not None:
@@ -476,9 +510,10 @@ def main(argv: list[str]) -> int:
       # An idle GPU's clocks are low; the first records of a run would otherwise time part of their ramp-up.
       warmup_seconds=0.0 if args.quick else args.warmup_seconds,
       queue=args.queue,
-      on_record=None if args.json is None else functools.partial(_write_json, args.json),
+      device_time=args.device_time,
+      on_record=None if args.json is None else functools.partial(_write_json, args.json, call_floor_ms=floor_ms),
     )
   print(table(records))
   if args.json:
-    _write_json(args.json, records)
+    _write_json(args.json, records, call_floor_ms=floor_ms)
   return 0 if all(r.get("ms") is not None for r in records if r["impl"] == "pallas") else 1

@@ -1,13 +1,19 @@
-"""Shared measuring and printing for benchmarks: median wall time of a jitted call, compiled memory, tables."""
+"""Shared measuring and printing for benchmarks: median wall time of a jitted call, the device's own time per call
+from a profiler trace, compiled memory, tables."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import pathlib
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def time_call(
@@ -41,6 +47,78 @@ def time_call(
     jax.block_until_ready([fn(*args) for _ in range(queue)])
     samples.append((time.perf_counter() - start) / queue)
   return statistics.median(samples)
+
+
+def call_floor(iters: int = 20) -> float:
+  """Median seconds of a trivial jitted call waited for: the host's dispatch and wait that every ``time_call`` sample
+  with ``queue=1`` includes, whatever the device does."""
+  fn = jax.jit(lambda x: x + 1)
+  return time_call(fn, jnp.zeros((), jnp.int32), warmup=3, iters=iters)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTime:
+  """The device per call: ``ms``, its activity added up; ``kernels``, the same by kernel name, longest first."""
+
+  ms: float
+  kernels: dict[str, float]
+
+
+# Lines of a profile's device planes that hold the device's own activity, in order of preference: a GPU's streams
+# (CUPTI: "Stream #<id>", one event per kernel or copy; derived lines such as "XLA Ops" repeat their spans), else a
+# TPU's ops.
+_ACTIVITY_LINES = ("Stream #", "XLA Ops")
+
+
+def device_time_from_profile(profile: Any, calls: int) -> DeviceTime:
+  """The device activity of ``calls`` calls recorded in ``profile`` (a ``jax.profiler.ProfileData``), per call.
+
+  Sums by name the events of each ``/device:`` plane's activity lines: its streams where it has any, else its ops line.
+  Kernels that ran concurrently on two streams count twice: this is busy time, not a span.
+  """
+  if calls < 1:
+    raise ValueError(f"device_time_from_profile: calls must be >= 1, got {calls}")
+  by_name: collections.Counter[str] = collections.Counter()
+  for plane in profile.planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    lines = list(plane.lines)
+    for prefix in _ACTIVITY_LINES:
+      chosen = [line for line in lines if line.name.startswith(prefix)]
+      if chosen:
+        break
+    for line in chosen:
+      for event in line.events:
+        by_name[event.name] += event.duration_ns
+  if not by_name:
+    names = [plane.name for plane in profile.planes]
+    wanted = " or ".join(repr(p) for p in _ACTIVITY_LINES)
+    raise RuntimeError(
+      f"the profile holds no device activity (no {wanted} line with events on a /device: plane; planes: {names})"
+    )
+  kernels = {name: ns / calls / 1e6 for name, ns in by_name.most_common()}
+  return DeviceTime(ms=sum(kernels.values()), kernels=kernels)
+
+
+def device_time(fn: Callable[..., Any], *args: Any, calls: int = 10) -> DeviceTime:
+  """The device's own time per call of ``fn(*args)`` (warm: call it first), from a ``jax.profiler`` trace of
+  ``calls`` calls queued back to back: no host dispatch, no waiting, no launch gaps.
+
+  Raises ``RuntimeError`` where the trace holds no device activity (a CPU, or a GPU without CUPTI).
+  """
+  from jax.profiler import ProfileData
+
+  with tempfile.TemporaryDirectory(prefix="cinema-device-time-") as directory:
+    jax.profiler.start_trace(directory)
+    try:
+      jax.block_until_ready([fn(*args) for _ in range(calls)])
+    finally:
+      jax.profiler.stop_trace()
+    traces = sorted(pathlib.Path(directory).rglob("*.xplane.pb"))
+    if not traces:
+      raise RuntimeError("jax.profiler wrote no trace (*.xplane.pb)")
+    profile = ProfileData.from_file(str(traces[-1]))
+    return device_time_from_profile(profile, calls)
 
 
 def compiled_memory_bytes(fn: Callable[..., Any], *args: Any) -> int:
