@@ -117,3 +117,92 @@ def test_gpu_host_command_line(tmp_path):
   ]]  # fmt: skip
   proc, calls, _ = _run("gpu_host.sh", ["--gpus", "0", "--config", "c", "--workdir", "w"], tmp_path)
   assert proc.returncode == 2 and calls == [] and "--gpus must be a positive integer" in proc.stderr
+
+
+# A stand-in interpreter for hopper_checks.sh: logs its arguments with the variables the steps set, sleeps where asked,
+# fails where asked.
+FAKE_PYTHON = """#!/usr/bin/env bash
+printf '%q ' "${JAX_PLATFORMS:-}" "${CINEMA_MOSAIC_GPU_FWD_STEPS:-}" "${CINEMA_MOSAIC_GPU_FWD_CTAS:-}" "${PART:-}" \
+  "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"
+echo "ran: $*"
+if [[ -n "${FAKE_SLOW:-}" && "$*" == *"$FAKE_SLOW"* ]]; then sleep 30; fi
+if [[ -n "${FAKE_FAIL:-}" && "$*" == *"$FAKE_FAIL"* ]]; then exit 3; fi
+"""
+
+
+def _hopper(tmp_path, args, **env):
+  python = tmp_path / "fake-python"
+  python.write_text(FAKE_PYTHON)
+  python.chmod(0o755)
+  anchors = tmp_path / "anchors"
+  anchors.mkdir(exist_ok=True)
+  (anchors / "gpu_anchor_bench.py").write_text("")
+  log = tmp_path / "calls.log"
+  log.write_text("")
+  env = dict(os.environ, FAKE_LOG=str(log), **env)
+  for name in ("JAX_PLATFORMS", "CINEMA_MOSAIC_GPU_FWD_STEPS", "CINEMA_MOSAIC_GPU_FWD_CTAS", "PART"):
+    env.pop(name, None)
+  command = ["bash", str(ROOT / "launch" / "hopper_checks.sh"), "--python", str(python), "--anchors", str(anchors)]
+  proc = subprocess.run([*command, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+  calls = [shlex.split(line) for line in log.read_text().splitlines()]
+  return proc, calls, anchors
+
+
+def test_hopper_checks_run_every_step_in_order_into_the_output_folder(tmp_path):
+  proc, calls, anchors = _hopper(tmp_path, ["--out", "results"], FAKE_FAIL="import tokamax")
+  assert proc.returncode == 0, proc.stderr
+  out = tmp_path / "results"
+  bench = ["-m", "cinema_jax.cli", "bench", "attention", "--queue", "10", "--device-time"]
+  fwd = ["--lengths", "16384", "--masks", "dense,8-segment", "--impls", "pallas", "--no-backward"]
+  assert [c[4:] for c in calls[:2]] == [
+    [*bench, "--lengths", "4096,16384", "--masks", "dense,8-segment,frame-causal", "--impls", "pallas,cudnn",
+     "--json", f"{out}/targets.json"],
+    ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_mosaic_gpu.py", "-k", "not interpreted"],
+  ]  # fmt: skip
+  assert calls[1][0] == "cuda"  # the tests run on the GPU, not on the CPU the suite defaults to
+  assert calls[2][4:9] == ["-m", "cinema_jax.cli", "bench", "attention", "--profile-kernels"]
+  assert calls[3][:4] == ["", "3", "", ""] and calls[3][4:] == [*bench, *fwd, "--json", f"{out}/ring3.json"]
+  assert calls[4][:4] == ["", "", "sm", ""] and calls[4][4:] == [*bench, *fwd, "--json", f"{out}/persistent.json"]
+  script = str(anchors / "gpu_anchor_bench.py")
+  assert [c[3:] for c in calls[5:7]] == [["jax", script], ["torch", script]]
+  assert calls[7][4:] == ["-c", "import tokamax"]  # not installed: its script does not run
+  log = (out / "checks.log").read_text()
+  assert log.count("ran: ") == 7  # every step's output is in the log (not the check for tokamax)
+  summary = log[log.index("== summary") :].splitlines()[1:]
+  assert [line.split(":")[0].strip() for line in summary] == [
+    "targets", "tests", "profile", "variants", "variants", "anchors", "anchors", "anchors"
+  ]  # fmt: skip
+  assert "anchors:tokamax: skipped (tokamax is not installed)" in summary[-1]
+
+
+def test_hopper_checks_keep_to_the_budget_and_say_what_failed(tmp_path):
+  args = ["--out", "r", "--steps", "tests,targets,anchors", "--budget", "4", "--min-step", "2"]
+  proc, calls, _ = _hopper(tmp_path, args, FAKE_SLOW="pytest")
+  assert proc.returncode == 1
+  assert len(calls) == 1 and "pytest" in calls[0]  # the slow tests took the whole budget: nothing else started
+  log = (tmp_path / "r" / "checks.log").read_text()
+  assert "tests: cut off at 4 s" in log
+  assert "== targets: skipped" in log and "anchors:tokamax: skipped (no time left)" in log
+  proc, calls, _ = _hopper(tmp_path, ["--out", "r", "--steps", "anchors"], FAKE_FAIL="gpu_anchor_bench")
+  assert proc.returncode == 1 and "anchors:jax: failed (exit 3)" in (tmp_path / "r" / "checks.log").read_text()
+
+
+@pytest.mark.parametrize(
+  ("args", "message"),
+  [
+    ([], "--out is required"),
+    (["--out", "r", "--steps", "targets,speed"], "unknown step 'speed'"),
+    (["--out", "r", "--budget", "ten"], "--budget must be a positive integer (seconds), got 'ten'"),
+  ],
+)
+def test_hopper_checks_refuse_bad_arguments_before_running_anything(tmp_path, args, message):
+  proc, calls, _ = _hopper(tmp_path, args)
+  assert proc.returncode == 2 and calls == [] and message in proc.stderr
+  assert not (tmp_path / "r").exists()
+
+
+def test_hopper_checks_dry_run_prints_and_creates_nothing(tmp_path):
+  proc, calls, _ = _hopper(tmp_path, ["--out", "r", "--dry-run"])
+  assert proc.returncode == 0 and calls == [] and not (tmp_path / "r").exists()
+  printed = [shlex.split(line) for line in proc.stdout.splitlines()]
+  assert len(printed) == 8 and printed[1][:2] == ["env", "JAX_PLATFORMS=cuda"]
