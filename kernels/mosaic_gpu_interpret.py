@@ -14,7 +14,11 @@ GPU. It evaluates the kernel's jaxpr eagerly:
   thread waits for it (``wait_smem_to_gmem``, or at the end), and a thread that releases a barrier with stores still
   pending yields first, so overwriting the source too early shows; storing,
   or feeding a WGMMA, from shared memory written since the thread's last ``commit_smem`` raises;
-* ``wgmma`` multiplies in float32 at once (its waits have nothing left to wait for);
+* a ``wgmma`` is in flight from its issue until a wait retires it (``wgmma_wait(n)`` and an accumulator read with
+  ``wait_n`` retire all but the n newest, in order; the end of ``run_state`` all): only then does it read its
+  operands and add their product (float32) into its accumulator. Reading an accumulator that a WGMMA in flight
+  writes, a TMA load or a store into shared memory that one reads, raise; a thread that arrives on a barrier with
+  WGMMAs in flight yields first, so that a buffer released before its WGMMA was waited for gets refilled and shows;
 * barriers count phases. The n-th wait of a thread on a barrier returns once its n-th phase has completed. A barrier
   two phases ahead of a waiter (an ambiguous parity on the GPU: a hang or a missed phase), a warpgroup arriving twice
   in one phase of a barrier that expects several, and a CTA whose warpgroups all wait (a deadlock) raise
@@ -45,6 +49,7 @@ from cinema_kernels import _compat
 _internals = _compat.mgpu_internals
 
 _RELEASE_PAUSE = 0.01  # seconds a thread yields after releasing a barrier with TMA stores pending
+_WGMMA_PAUSE = 0.002  # seconds a thread yields after arriving on a barrier with WGMMAs in flight
 _STALL_SECONDS = 60.0  # no barrier moved and no warpgroup finished for this long: reported as a hang
 
 
@@ -203,6 +208,17 @@ class _Cta:
     self.finished = 0
     self.smem: set[int] = set()  # ids of the shared-memory buffers
     self.moved = time.monotonic()
+    self.in_flight: dict[int, list[Any]] = {}  # warpgroup -> shared-memory operands of its WGMMAs in flight
+
+  def check_unread(self, view: Any, what: str) -> None:
+    """Raises if a WGMMA in flight reads shared memory that ``what`` is about to overwrite (``view``)."""
+    with self.cond:
+      for wg, operands in self.in_flight.items():
+        if any(np.may_share_memory(view, operand) for operand in operands):
+          raise KernelProtocolError(
+            f"{what} overwrites shared memory that a WGMMA of warpgroup {wg} reads, before a wait retired it (release "
+            "the buffer after the WGMMA's wait)"
+          )
 
   def count_load(self, src: Any) -> None:
     """One TMA load from kernel operand ``src`` (a global-memory ref), for ``count_loads``."""
@@ -236,6 +252,15 @@ class _Thread:
     self.stores: list[tuple[Any, Any, str | None]] = []  # TMA stores issued, not yet waited for
     self.dirty: set[int] = set()  # shared-memory buffers written since this thread's last commit_smem
     self.regions = 0  # named regions entered, counted as the profiler records them (see _eval_env)
+    self.wgmmas: list[tuple[Any, Any, Any]] = []  # (accumulator, a, b) issued, not yet retired, oldest first
+
+  def retire_wgmmas(self, keep: int = 0) -> None:
+    """The WGMMAs in flight but the ``keep`` newest complete now: they read their operands and accumulate."""
+    done, self.wgmmas = self.wgmmas[: max(len(self.wgmmas) - keep, 0)], self.wgmmas[max(len(self.wgmmas) - keep, 0) :]
+    for acc, a, b in done:
+      acc[...] += np.asarray(a, np.float32) @ np.asarray(b, np.float32)
+    with self.cta.cond:
+      self.cta.in_flight[self.wg] = [x for _, a, b in self.wgmmas for x in (a, b) if id(_root(x)) in self.cta.smem]
 
   def flush_stores(self, keep: int = 0) -> None:
     """The TMA stores read their sources now: all but the ``keep`` most recent."""
@@ -356,6 +381,7 @@ class _Thread:
     passed = [isinstance(v.aval, _internals().AbstractRef) for v in eqn.invars]
     refs = [x if ref else np.array(x, copy=True) for x, ref in zip(invals, passed, strict=True)]
     self._call(jaxpr, refs)
+    self.retire_wgmmas()  # the region's end waits for every WGMMA (its accumulators' values are read)
     return refs
 
   # Indices and memory.
@@ -376,10 +402,13 @@ class _Thread:
   def _p_swap(self, eqn: Any, invals: list[Any]) -> Any:
     ref, value, *leaves = invals
     view = _view(ref, _transforms(eqn.params["tree"], leaves))
+    if any(np.may_share_memory(view, acc) for acc, _, _ in self.wgmmas):
+      raise KernelProtocolError(f"warpgroup {self.wg} writes a WGMMA accumulator before a wait retired its WGMMA")
     old = np.array(view, copy=True)
-    view[...] = value
     if id(_root(view)) in self.cta.smem:
+      self.cta.check_unread(view, f"a store of warpgroup {self.wg}")
       self.dirty.add(id(_root(view)))
+    view[...] = value
     return old
 
   def _p_copy_gmem_to_smem(self, eqn: Any, invals: list[Any]) -> list[Any]:
@@ -391,6 +420,7 @@ class _Thread:
     if p.get("collective_axes") or p.get("leader_tracked") is not None:
       raise NotImplementedError("multicast (cluster-collective) TMA loads are not supported in interpret mode")
     view, data = _view(dst, dst_t), np.array(_view(src, src_t), copy=True)
+    self.cta.check_unread(view, f"a TMA load of warpgroup {self.wg}")
     self.cta.count_load(src)
     if barrier is None:
       view[...] = data
@@ -429,6 +459,8 @@ class _Thread:
       # Released with stores still pending: let the woken warpgroups act first, so that one refilling a store's
       # source before the store has read it (a race on the GPU) shows in the stored data.
       time.sleep(_RELEASE_PAUSE)
+    elif self.wgmmas:  # likewise a buffer released while a WGMMA in flight reads it: the refill raises
+      time.sleep(_WGMMA_PAUSE)
     return []
 
   def _p_barrier_wait(self, eqn: Any, invals: list[Any]) -> list[Any]:
@@ -449,15 +481,26 @@ class _Thread:
     a_view, b_view = _view(a, a_t), _view(b, b_t)
     self.check_committed(a_view, "a WGMMA operand")
     self.check_committed(b_view, "a WGMMA operand")
-    a_val, b_val = np.asarray(a_view, np.float32), np.asarray(b_view, np.float32)
-    acc_view[...] += a_val @ b_val
+    self.wgmmas.append((acc_view, a_view, b_view))  # in flight: it reads its operands when a wait retires it
+    self.retire_wgmmas(keep=len(self.wgmmas))  # (publishes its shared-memory operands)
+    return []
+
+  def _p_wgmma_wait(self, eqn: Any, invals: list[Any]) -> list[Any]:
+    self.retire_wgmmas(keep=int(invals[0] if invals else eqn.params.get("n", 0)))
     return []
 
   def _p_wgmma_accumulator_deref(self, eqn: Any, invals: list[Any]) -> Any:
+    wait_n = eqn.params.get("wait_n", 0)
+    if wait_n is not None:
+      self.retire_wgmmas(keep=int(wait_n))
+    if any(np.may_share_memory(invals[0], acc) for acc, _, _ in self.wgmmas):
+      raise KernelProtocolError(
+        f"warpgroup {self.wg} reads a WGMMA accumulator while a WGMMA writing it is in flight (wait for it first)"
+      )
     return np.array(invals[0], copy=True)
 
 
-_NO_OPS = {"set_max_registers", "set_max_registers_p", "commit_group", "wgmma_wait", "wgmma_wait_p"}
+_NO_OPS = {"set_max_registers", "set_max_registers_p", "commit_group"}
 _IDENTITY = {"layout_cast", "optimization_barrier"}
 
 
@@ -496,6 +539,7 @@ def _run_cta(
       env = dict(zip(body.constvars, consts, strict=True))
       env.update(zip(body.invars, refs, strict=True))
       thread._eval_env(body, env)
+      thread.retire_wgmmas()
       thread.flush_stores()  # the kernel's end waits for its stores
       if regions is not None and thread.regions > regions:
         raise KernelProtocolError(

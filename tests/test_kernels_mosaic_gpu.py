@@ -338,6 +338,81 @@ def test_the_interpreter_runs_a_ring_and_catches_a_deadlock():
   assert threading.active_count() <= before
 
 
+def _wgmma_ring(x, w, release: str):
+  """A consumer multiplies each of four [64, 64] blocks brought through a two-slot ring by ``w``: by two WGMMAs in
+  flight at once (``x_i w`` and ``x_i (2 w)``), the first read with ``wait_n=1``. ``release``: the slot is released
+  "after" both were waited for, "before" (a WGMMA in flight still reads it), or "early" reads the second accumulator
+  with one WGMMA still allowed in flight (its own)."""
+  plgpu = _compat.plgpu()
+
+  def body(x_ref, w_ref, o_ref):
+    def scoped(ring, w_smem, w2_smem, out, ready, w_ready, used):
+      wg = lax.axis_index("wg")
+
+      @pl.when(wg == 0)
+      def _consumer():
+        plgpu.barrier_wait(w_ready)
+        for i in range(4):
+          plgpu.barrier_wait(ready.at[i % 2])
+
+          def products(acc, acc2, i=i):
+            plgpu.wgmma(acc, ring.at[i % 2], w_smem)
+            plgpu.wgmma(acc2, ring.at[i % 2], w2_smem)
+            if release == "before":
+              plgpu.barrier_arrive(used.at[i % 2])
+            first = plgpu.wgmma_accumulator_load(acc, wait_n=1)
+            second = plgpu.wgmma_accumulator_load(acc2, wait_n=1 if release == "early" else 0)
+            return first + second
+
+          ACC = plgpu.ACC((64, 64), jnp.float32)
+          out[i] = pl.run_scoped(products, ACC, ACC)
+          if release != "before":
+            plgpu.barrier_arrive(used.at[i % 2])
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out, o_ref)
+        plgpu.wait_smem_to_gmem(0)
+
+      @pl.when(wg == 1)
+      def _producer():
+        plgpu.copy_gmem_to_smem(w_ref.at[0], w_smem, w_ready)
+        plgpu.copy_gmem_to_smem(w_ref.at[1], w2_smem, w_ready)
+        for i in range(4):
+          if i >= 2:
+            plgpu.barrier_wait(used.at[i % 2])
+          plgpu.copy_gmem_to_smem(x_ref.at[i], ring.at[i % 2], ready.at[i % 2])
+
+    pl.run_scoped(
+      scoped,
+      mosaic_gpu._smem((2, 64, 64), jnp.bfloat16),
+      mosaic_gpu._smem((64, 64), jnp.bfloat16),
+      mosaic_gpu._smem((64, 64), jnp.bfloat16),
+      plgpu.SMEM((4, 64, 64), jnp.float32),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_arrivals=2),
+      plgpu.Barrier(num_barriers=2),
+      collective_axes="wg",
+    )
+
+  out_type = jax.ShapeDtypeStruct((4, 64, 64), jnp.float32)
+  kernel = plgpu.kernel(body, out_type=out_type, num_threads=2, thread_name="wg")
+  return mosaic_gpu_interpret.interpret(kernel, x, jnp.stack([w, 2 * w]))
+
+
+def test_the_interpreter_holds_wgmmas_in_flight_until_a_wait(monkeypatch):
+  keys = jax.random.split(jax.random.key(5), 2)
+  x = jax.random.normal(keys[0], (4, 64, 64), jnp.float32).astype(jnp.bfloat16)
+  w = jax.random.normal(keys[1], (64, 64), jnp.float32).astype(jnp.bfloat16)
+  expected = 3 * jnp.einsum("ikd,dn->ikn", x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+  np.testing.assert_allclose(_wgmma_ring(x, w, "after"), expected, rtol=1e-5, atol=1e-4)
+  # A slot released while a WGMMA in flight reads it: the producer's refill overwrites the operand on the GPU. The
+  # consumer yields after the release; a long yield here makes the refill come first on any machine.
+  monkeypatch.setattr(mosaic_gpu_interpret, "_WGMMA_PAUSE", 0.5)
+  with pytest.raises(Exception, match="a TMA load of warpgroup 1 overwrites shared memory that a WGMMA of warpgroup 0"):
+    jax.block_until_ready(_wgmma_ring(x, w, "before"))
+  with pytest.raises(Exception, match="reads a WGMMA accumulator while a WGMMA writing it is in flight"):
+    jax.block_until_ready(_wgmma_ring(x, w, "early"))
+
+
 def test_scope():
   q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
   km = ck.prepare_mask(None, q, q, block_sizes=SIZES, flavour="mosaic_gpu", interpret=False)
