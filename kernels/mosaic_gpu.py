@@ -165,6 +165,24 @@ def _zeros(shape):
   )
 
 
+def _online_softmax(cfg: _Static, scores, m, denom, hide: Callable | None, acc=None):
+  """One step of the forward's online softmax over a tile's raw ``scores`` [64, cols] (``hide``: the element mask,
+  None on a full tile): ``(acc rescaled, or without acc the factor alpha to rescale it by, the new running max, the
+  new denominator, the probabilities in the input dtype)``."""
+  scores = scores * cfg.scale2
+  if hide is not None:
+    scores = hide(scores)
+  m_new = jnp.maximum(m, scores.max(axis=1))
+  # A row with nothing visible yet keeps m = -inf; subtract 0 there so that exp2 gives 0, not NaN.
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if hide is not None else m_new
+  alpha = jnp.exp2(m - m_safe)
+  p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, (0,)))
+  if acc is not None:
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+  denom = denom * alpha + p.sum(axis=1)
+  return (alpha if acc is None else acc), m_new, denom, p.astype(cfg.dtype)
+
+
 def _tile_mask(cfg: _Static, q_ids, kv_ids, q_start, kv_start, *, transposed: bool):
   """bool [rows, cols] in the WGMMA layout, or None when nothing is hidden.
 
@@ -404,20 +422,23 @@ def _lse_through_smem(steps: int) -> bool:
   return steps == _STEPS
 
 
-def _fwd_smem_bytes(q_buffers: int, steps: int, block_kv: int, head_dim: int, itemsize: int) -> int:
+def _fwd_smem_bytes(
+  q_buffers: int, steps: int, block_kv: int, head_dim: int, itemsize: int, overlap: bool = False
+) -> int:
   """The forward's shared memory as Mosaic GPU's launch check counts it: the buffers, each aligned to 1 KiB as
   Pallas places them (query/output buffers, the key and value ring, and with two slots the lse rows; beside a deeper
   ring they go out from registers), the barriers and Mosaic GPU's own scratch."""
   align = lambda n: -(-n // 1024) * 1024  # noqa: E731
   queries = align(q_buffers * _FWD_CONSUMERS * _ROWS * head_dim * itemsize)
   lse = align(_FWD_CONSUMERS * _ROWS * 4) if _lse_through_smem(steps) else 0
-  # ready and used for keys and values, a query-ready per buffer and consumer, a query-free per buffer, the turn
-  barriers = 4 * steps + q_buffers * (_FWD_CONSUMERS + 1) + 1
+  # ready and used for keys and values, a query-ready per buffer and consumer, a query-free per buffer, the turn (one
+  # per consumer with the overlapped softmax)
+  barriers = 4 * steps + q_buffers * (_FWD_CONSUMERS + 1) + (_FWD_CONSUMERS if overlap else 1)
   ring = 2 * align(steps * block_kv * head_dim * itemsize)
   return queries + ring + lse + barriers * _BARRIER_BYTES + _MOSAIC_SCRATCH_BYTES
 
 
-def forward_ring(q_buffers: int, block_kv: int, head_dim: int, itemsize: int) -> int:
+def forward_ring(q_buffers: int, block_kv: int, head_dim: int, itemsize: int, overlap: bool = False) -> int:
   """Slots of the forward's key/value ring: two, or ``CINEMA_MOSAIC_GPU_FWD_STEPS`` (for tuning) where they fit.
 
   A deeper ring lets the producer run further ahead (a short row's first blocks all in flight at once; more slack
@@ -436,7 +457,7 @@ def forward_ring(q_buffers: int, block_kv: int, head_dim: int, itemsize: int) ->
       f"{FWD_STEPS_ENV}={steps} while profiling: the profiler keeps its buffer in the shared memory a deeper ring "
       f"takes; profile with the default {_STEPS} slots"
     )
-  need = _fwd_smem_bytes(q_buffers, steps, block_kv, head_dim, itemsize)
+  need = _fwd_smem_bytes(q_buffers, steps, block_kv, head_dim, itemsize, overlap)
   if need > _SMEM_BYTES:
     raise ValueError(
       f"{FWD_STEPS_ENV}={steps}: the forward would need {need} bytes of shared memory ({q_buffers} query "
@@ -446,15 +467,31 @@ def forward_ring(q_buffers: int, block_kv: int, head_dim: int, itemsize: int) ->
   return steps
 
 
+FWD_OVERLAP_ENV = "CINEMA_MOSAIC_GPU_FWD_OVERLAP"
+
+
+def forward_overlap() -> bool:
+  """Whether the forward's consumers overlap each tile's softmax with the previous tile's ``p v`` (FlashAttention-3's
+  intra-warpgroup pipelining, on top of the two consumers' turns): ``CINEMA_MOSAIC_GPU_FWD_OVERLAP=1``. Off by
+  default until timed on a GPU: it holds a tile's scores, the previous tile's probabilities and the output
+  accumulator in registers at once."""
+  env = os.environ.get(FWD_OVERLAP_ENV, "").strip()
+  if env not in ("", "0", "1"):
+    raise ValueError(f"{FWD_OVERLAP_ENV} must be 0 or 1, got {env!r}")
+  return env == "1"
+
+
 @dataclasses.dataclass(frozen=True)
 class ForwardPlan:
   """How the forward runs: ``ctas`` walking ``items`` (row of tiles, head, sample), ``q_buffers`` query buffers
-  (two only where a CTA walks on to another item) and a key/value ring of ``steps`` slots."""
+  (two only where a CTA walks on to another item), a key/value ring of ``steps`` slots, and whether each consumer
+  overlaps a tile's softmax with the previous tile's ``p v`` (``forward_overlap``)."""
 
   items: int
   ctas: int
   q_buffers: int
   steps: int
+  overlap: bool = False
 
   @property
   def persistent(self) -> bool:
@@ -468,7 +505,9 @@ def forward_plan(q: jax.Array, km: KernelMask, interpret: bool) -> ForwardPlan:
   items = bsz * h * (lq // bq)
   ctas = forward_ctas(items, interpret, km.even_rows)
   q_buffers = 1 if ctas == items else 2
-  return ForwardPlan(items, ctas, q_buffers, forward_ring(q_buffers, bkv, d, jnp.dtype(q.dtype).itemsize))
+  overlap = forward_overlap()
+  steps = forward_ring(q_buffers, bkv, d, jnp.dtype(q.dtype).itemsize, overlap)
+  return ForwardPlan(items, ctas, q_buffers, steps, overlap)
 
 
 def _fwd_kernel(
@@ -505,6 +544,16 @@ def _fwd_kernel(
     hh, b = lax.rem(t, jnp.int32(heads)), lax.div(t, jnp.int32(heads))
     return b, hh, r, counts_ref[b, r, 0], counts_ref[b, r, 1], lambda s: index_ref[b, r, s]
 
+  def hide_of(b, q_ids, q_base, entry, s):
+    """The element mask of the tile at list entry ``s`` of an item's row, for ``_online_softmax``."""
+
+    def hide(scores):
+      kv_start = entry(s) * bkv
+      kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_start, bkv, _col_vec)
+      return _hide(scores, _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False))
+
+    return hide
+
   def scoped(smem, ready, used, q_free, turn):
     qo_smem, k_smem, v_smem, *lse_smem = smem  # qo: [q_buffers, consumers, 64, D]; lse: [consumers, 64] or none
     k_ready, v_ready, q_ready = ready  # q_ready[buffer * consumers + consumer]
@@ -515,9 +564,138 @@ def _fwd_kernel(
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
+    def walk(carry, b, q_ids, q_base, qo_own, slot_of, n_full, n_total, entry):
+      """The consumers take turns on the tensor cores: one's softmax runs while the other's products do."""
+
+      def step(s, carry, masked: bool):
+        acc, m, denom = carry
+        slot = slot_of(s)
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, qo_own, k_smem.at[slot].transpose((1, 0)))
+          take_turn()
+          return acc_ref[...]
+
+        with _region("qk"):
+          scores = pl.run_scoped(qk, plgpu.ACC((_ROWS, bkv), jnp.float32))
+          plgpu.barrier_arrive(k_used.at[slot])
+        with _region("softmax"):
+          hide = hide_of(b, q_ids, q_base, entry, s) if masked else None
+          acc, m_new, denom, p16 = _online_softmax(cfg, scores, m, denom, hide, acc)
+          acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
+          plgpu.barrier_arrive(turn)  # softmax done
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          nxt = s + 1
+
+          @pl.when(nxt < n_total)
+          def _():
+            plgpu.barrier_wait(k_ready.at[slot_of(nxt)])
+
+        with _region("pv"):
+          plgpu.barrier_wait(v_ready.at[slot])
+          plgpu.barrier_wait(turn)  # tensor cores free
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+          plgpu.barrier_arrive(v_used.at[slot])
+        return acc, m_new, denom
+
+      return _walk(n_full, n_total, step, carry)
+
+    def walk_overlapped(carry, b, q_ids, q_base, qo_own, slot_of, n_full, n_total, entry):
+      """FlashAttention-3's intra-warpgroup pipelining on top of the turns: a consumer issues tile s's ``q k^T``
+      and tile s-1's ``p v`` together, then works out tile s's softmax while that ``p v`` runs, and rescales the
+      output once it is done. Turns alternate strictly through one barrier per consumer (``turn[wg]``: its turn to
+      issue), given after each issue; the first tile issues its product alone, the last ``p v`` comes after the
+      walk. The first tile's softmax always applies the element mask: a full tile's hides nothing."""
+      acc_type = plgpu.ACC((_ROWS, bkv), jnp.float32)
+
+      def my_turn():
+        plgpu.barrier_wait(turn.at[wg])
+
+      def your_turn():
+        plgpu.barrier_arrive(turn.at[1 - wg])
+
+      def first(_, carry):
+        acc, m, denom, p16 = carry
+        slot = slot_of(0)
+
+        def qk(s_ref):
+          plgpu.wgmma(s_ref, qo_own, k_smem.at[slot].transpose((1, 0)))
+          your_turn()
+          return s_ref[...]
+
+        with _region("qk"):
+          plgpu.barrier_wait(k_ready.at[slot])
+          my_turn()
+          scores = pl.run_scoped(qk, acc_type)
+          plgpu.barrier_arrive(k_used.at[slot])
+        with _region("softmax"):
+          _, m, denom, p16 = _online_softmax(cfg, scores, m, denom, hide_of(b, q_ids, q_base, entry, 0))
+        return acc, m, denom, p16  # acc is still zero: nothing to rescale
+
+      def middle(s, carry, masked: bool):
+        acc, m, denom, p16 = carry
+        slot, prev = slot_of(s), slot_of(s - 1)
+
+        def issue(refs):
+          o_ref, m_ref, denom_ref, p_ref, alpha_ref = refs
+
+          def products(s_ref):
+            plgpu.wgmma(s_ref, qo_own, k_smem.at[slot].transpose((1, 0)))
+            plgpu.wgmma(o_ref, p_ref[...], v_smem.at[prev])
+            your_turn()
+            return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # q k^T done; p v may still run
+
+          with _region("qk"):
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[prev])
+            my_turn()
+            scores = pl.run_scoped(products, acc_type)
+            plgpu.barrier_arrive(k_used.at[slot])
+          with _region("softmax"):
+            hide = hide_of(b, q_ids, q_base, entry, s) if masked else None
+            alpha, m_ref[...], denom_ref[...], p_ref[...] = _online_softmax(
+              cfg, scores, m_ref[...], denom_ref[...], hide
+            )
+            alpha_ref[...] = alpha
+
+        alpha = _zeros((_ROWS,))
+        acc, m, denom, p16, alpha = pl.run_state(issue)((plgpu.ACC.init(acc), m, denom, p16, alpha))
+        with _region("pv"):  # the region's end waited for p v
+          plgpu.barrier_arrive(v_used.at[prev])
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+        return acc, m, denom, p16
+
+      def last(_, carry):
+        acc, m, denom, p16 = carry
+        slot = slot_of(n_total - 1)
+
+        def pv(o_ref):
+          plgpu.wgmma(o_ref, p16, v_smem.at[slot])
+          your_turn()
+
+        with _region("pv"):
+          plgpu.barrier_wait(v_ready.at[slot])
+          my_turn()
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+          plgpu.barrier_arrive(v_used.at[slot])
+        return acc, m, denom, p16
+
+      carry = (*carry, _zeros((_ROWS, bkv)).astype(cfg.dtype))
+      any_tile = jnp.minimum(n_total, 1)
+      split = jnp.maximum(n_full, 1)  # tiles 1 .. n_full - 1 are full, the rest partial
+      carry = lax.fori_loop(0, any_tile, first, carry)
+      carry = lax.fori_loop(1, split, functools.partial(middle, masked=False), carry)
+      carry = lax.fori_loop(split, n_total, functools.partial(middle, masked=True), carry)
+      acc, m, denom, _ = lax.fori_loop(0, any_tile, last, carry)
+      return acc, m, denom
+
     @pl.when(wg < _FWD_CONSUMERS)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
+      if plan.overlap:  # the first turn to issue is consumer 0's
+        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
 
       def one_item(i, done):
         with _region("prologue"):
@@ -531,59 +709,19 @@ def _fwd_kernel(
           m = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), _layout().reduce(1))
           carry = (_zeros((_ROWS, d)), m, _zeros((_ROWS,)))
 
-          @pl.when(n_total > 0)
-          def _():
-            plgpu.barrier_wait(k_ready.at[slot_of(0)])
+          if not plan.overlap:
 
-          pl.when(wg == 1)(take_turn)
-
-        def step(s, carry, masked: bool):
-          acc, m, denom = carry
-          slot = slot_of(s)
-
-          def qk(acc_ref):
-            plgpu.wgmma(acc_ref, qo_own, k_smem.at[slot].transpose((1, 0)))
-            take_turn()
-            return acc_ref[...]
-
-          with _region("qk"):
-            scores = pl.run_scoped(qk, plgpu.ACC((_ROWS, bkv), jnp.float32))
-            plgpu.barrier_arrive(k_used.at[slot])
-          with _region("softmax"):
-            scores = scores * cfg.scale2
-            if masked:
-              kv_start = entry(s) * bkv
-              kv_ids = _leaf_ids(cfg, id_refs, 1, b, kv_start, bkv, _col_vec)
-              scores = _hide(scores, _tile_mask(cfg, q_ids, kv_ids, q_base, kv_start, transposed=False))
-            m_new = jnp.maximum(m, scores.max(axis=1))
-            # A row with nothing visible yet keeps m = -inf; subtract 0 there so that exp2 gives 0, not NaN.
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-            alpha = jnp.exp2(m - m_safe)
-            p = jnp.exp2(scores - lax.broadcast_in_dim(m_safe, scores.shape, (0,)))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
-            denom = denom * alpha + p.sum(axis=1)
-            p16 = p.astype(cfg.dtype)
-            acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
-            plgpu.barrier_arrive(turn)  # softmax done
-
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-            nxt = s + 1
-
-            @pl.when(nxt < n_total)
+            @pl.when(n_total > 0)
             def _():
-              plgpu.barrier_wait(k_ready.at[slot_of(nxt)])
+              plgpu.barrier_wait(k_ready.at[slot_of(0)])
 
-          with _region("pv"):
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_wait(turn)  # tensor cores free
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_used.at[slot])
-          return acc, m_new, denom
+            pl.when(wg == 1)(take_turn)
 
-        acc, m, denom = _walk(n_full, n_total, step, carry)
+        walker = walk_overlapped if plan.overlap else walk
+        acc, m, denom = walker(carry, b, q_ids, q_base, qo_own, slot_of, n_full, n_total, entry)
         with _region("epilogue"):
-          pl.when(wg == 0)(take_turn)
+          if not plan.overlap:
+            pl.when(wg == 0)(take_turn)
           seen = denom > 0.0
           safe = jnp.where(seen, denom, 1.0)
           acc = acc * lax.broadcast_in_dim(jnp.where(seen, 1.0 / safe, 0.0), acc.shape, (0,))
@@ -655,7 +793,7 @@ def _fwd_kernel(
     ),
     (plgpu.Barrier(num_arrivals=_FWD_CONSUMERS, num_barriers=steps),) * 2,
     plgpu.Barrier(num_arrivals=_FWD_CONSUMERS, num_barriers=q_buffers),
-    plgpu.Barrier(num_arrivals=_FWD_CONSUMERS),
+    plgpu.Barrier(num_barriers=_FWD_CONSUMERS) if plan.overlap else plgpu.Barrier(num_arrivals=_FWD_CONSUMERS),
     collective_axes="wg",
   )
 

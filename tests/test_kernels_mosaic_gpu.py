@@ -252,6 +252,51 @@ def test_a_three_slot_forward_ring_lowers_beside_one_query_buffer(monkeypatch):
     _targets(fwd(), spec, spec, spec)
 
 
+@pytest.mark.parametrize(
+  "name, ctas, steps, d",
+  [
+    ("goldenmem", "100", "2", 64),  # one CTA per item; rows with full and partial tiles, rows seeing nothing
+    ("segment_random", "4", "2", 128),  # persistent: the turns and the ring run on across items
+    ("hybrid", "1", "3", 64),  # one CTA walks every item through a three-slot ring
+    ("padding", "100", "2", 64),  # no mask but the padding: tiles full but at the ends
+  ],
+)
+def test_the_overlapped_forward_matches_xla(name, ctas, steps, d, rng, monkeypatch):
+  # Each tile's softmax beside the previous tile's p v, the output rescaled after: the interpreter holds the WGMMAs
+  # in flight until their waits, so a slot released early or an accumulator read too soon would raise.
+  monkeypatch.setenv(mosaic_gpu.FWD_OVERLAP_ENV, "1")
+  monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, ctas)
+  monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, steps)
+  b, length = 2, 300
+  keep = np.arange(length)[None] < np.array([[length], [100]])  # sample 1: rows from 100 on see nothing
+  mask = masks.padding_mask(keep)
+  if name != "padding":
+    mask = kernel_masks(rng, length, b)[name] & mask
+  q, k, v = make_qkv(9, b, length, length, 2, d, jnp.bfloat16)
+  _check_forward_and_lse(q, k, v, mask)
+
+
+def test_the_overlapped_forward_without_a_mask_and_its_gradients(monkeypatch):
+  # No mask: no ids, every tile full (the first tile's softmax masks nothing); the backward reads its lse.
+  monkeypatch.setenv(mosaic_gpu.FWD_OVERLAP_ENV, "1")
+  monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, "3")
+  q, k, v = make_qkv(10, 1, 384, 384, 2, 64, jnp.bfloat16)
+  _check(q, k, v, None, interpret=True)
+
+
+def test_the_overlapped_forward_lowers_and_its_setting_is_checked(monkeypatch):
+  monkeypatch.setenv(mosaic_gpu.FWD_OVERLAP_ENV, "1")
+  spec = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
+  mask = _mask_of("ids", 1000)(None)
+  fwd = lambda q, k, v: ck.block_sparse_attention(q, k, v, mask, flavour="mosaic_gpu", interpret=False)  # noqa: E731
+  assert _targets(fwd, spec, spec, spec) == (1, 0)
+  plan = mosaic_gpu.forward_plan(spec, ck.prepare_mask(mask, spec, spec, flavour="mosaic_gpu"), interpret=False)
+  assert plan.overlap
+  monkeypatch.setenv(mosaic_gpu.FWD_OVERLAP_ENV, "yes")
+  with pytest.raises(ValueError, match="CINEMA_MOSAIC_GPU_FWD_OVERLAP must be 0 or 1, got 'yes'"):
+    mosaic_gpu.forward_overlap()
+
+
 @pytest.mark.parametrize("bwd", BWD_TILES[1:], ids=lambda t: f"{t[0]}x{t[1]}")
 def test_interpreted_backward_tiles_match_xla(bwd, rng):
   # Two consumers share each listed block, and a listed 128-block may be empty for one of them or for one 64-part:
