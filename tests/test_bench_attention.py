@@ -235,12 +235,14 @@ planes {
     events { metadata_id: 3 offset_ps: 0 duration_ps: 20000000 } }
   lines { id: 9 name: "XLA Ops" timestamp_ns: 1000 events { metadata_id: 4 offset_ps: 0 duration_ps: 900000000 } }
   lines { id: 10 name: "CUPTI overhead" timestamp_ns: 1000
-    events { metadata_id: 5 offset_ps: 0 duration_ps: 5000000 } }
+    events { metadata_id: 5 offset_ps: 0 duration_ps: 5000000 }
+    events { metadata_id: 3 offset_ps: 9000000 duration_ps: 40000000 stats { metadata_id: 1 uint64_value: 77 } } }
   event_metadata { key: 1 value { id: 1 name: "fwd_kernel" } }
   event_metadata { key: 2 value { id: 2 name: "MemcpyH2D" } }
   event_metadata { key: 3 value { id: 3 name: "loop_fusion" } }
   event_metadata { key: 4 value { id: 4 name: "custom-call.1" } }
   event_metadata { key: 5 value { id: 5 name: "overhead" } }
+  stat_metadata { key: 1 value { id: 1 name: "correlation_id" } }
 }
 planes {
   id: 2 name: "/host:CPU"
@@ -256,11 +258,12 @@ def test_device_time_adds_up_the_stream_events_per_call():
   from cinema_jax.bench import timing
 
   measured = timing.device_time_from_profile(ProfileData.from_text_proto(_GPU_PROFILE), calls=2)
-  # Two calls: the kernel 0.60 + 0.64 ms, the copies 0.05 + 0.07 ms, a fusion 0.02 ms on another stream; neither the
-  # ops line (it repeats the stream's spans), the tracer's own overhead nor the host counts.
+  # Two calls: the kernel 0.60 + 0.64 ms, the copies 0.05 + 0.07 ms, a fusion 0.02 ms on one stream and 0.04 ms on
+  # a stream whose line the tracer named for its own records (a launch: it has a correlation id); neither the ops
+  # line (it repeats the streams' spans), the tracer's own overhead nor the host counts.
   assert list(measured.kernels) == ["fwd_kernel", "MemcpyH2D", "loop_fusion"]  # longest first
-  np.testing.assert_allclose(list(measured.kernels.values()), [0.62, 0.06, 0.01], rtol=1e-9)
-  np.testing.assert_allclose(measured.ms, 0.69, rtol=1e-9)
+  np.testing.assert_allclose(list(measured.kernels.values()), [0.62, 0.06, 0.03], rtol=1e-9)
+  np.testing.assert_allclose(measured.ms, 0.71, rtol=1e-9)
 
 
 def test_device_time_takes_the_ops_line_where_a_plane_has_no_streams():
@@ -269,6 +272,7 @@ def test_device_time_takes_the_ops_line_where_a_plane_has_no_streams():
   from cinema_jax.bench import timing
 
   tpu = _GPU_PROFILE.replace("/device:GPU:0", "/device:TPU:0").replace('name: "Stream #', 'name: "Core #')
+  tpu = tpu.replace('name: "CUPTI overhead"', 'name: "Steps"')
   measured = timing.device_time_from_profile(ProfileData.from_text_proto(tpu), calls=3)
   assert measured.kernels == pytest.approx({"custom-call.1": 0.3})
 

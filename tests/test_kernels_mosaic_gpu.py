@@ -546,5 +546,22 @@ def test_a_three_slot_forward_ring_matches_xla_on_hopper(name, length, monkeypat
 
 
 @needs_hopper
+@pytest.mark.parametrize(
+  "name, length, ctas", [("8-segment", 4096, None), ("goldenmem", 2048, None), ("frame-causal", 2048, "sm")]
+)
+def test_the_overlapped_forward_matches_xla_on_hopper(name, length, ctas, monkeypatch):
+  # Each tile's softmax beside the previous tile's p v: full and partial rows, one CTA per item and persistent.
+  monkeypatch.setenv(mosaic_gpu.FWD_OVERLAP_ENV, "1")
+  monkeypatch.setattr(mosaic_gpu, "PERSISTENT_BY_DEFAULT", False)
+  if ctas is None:
+    monkeypatch.delenv(mosaic_gpu.FWD_CTAS_ENV, raising=False)
+  else:
+    monkeypatch.setenv(mosaic_gpu.FWD_CTAS_ENV, ctas)
+  mask = benchmark_mask(name, length)
+  q, k, v = make_qkv(11, 1, length, length, 4, 128, jnp.bfloat16)
+  _check(q, k, v, mask)
+
+
+@needs_hopper
 def test_dispatcher_picks_mosaic_gpu_on_hopper():
   assert ck.resolve_flavour() == ("mosaic_gpu", False)

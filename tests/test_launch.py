@@ -122,8 +122,8 @@ def test_gpu_host_command_line(tmp_path):
 # A stand-in interpreter for hopper_checks.sh: logs its arguments with the variables the steps set, sleeps where asked,
 # fails where asked.
 FAKE_PYTHON = """#!/usr/bin/env bash
-printf '%q ' "${JAX_PLATFORMS:-}" "${CINEMA_MOSAIC_GPU_FWD_STEPS:-}" "${CINEMA_MOSAIC_GPU_FWD_CTAS:-}" "${PART:-}" \
-  "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"
+printf '%q ' "${JAX_PLATFORMS:-}" "${CINEMA_MOSAIC_GPU_FWD_OVERLAP:-}" "${CINEMA_MOSAIC_GPU_FWD_STEPS:-}" \
+  "${CINEMA_MOSAIC_GPU_FWD_CTAS:-}" "${PART:-}" "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"
 echo "ran: $*"
 if [[ -n "${FAKE_SLOW:-}" && "$*" == *"$FAKE_SLOW"* ]]; then sleep 30; fi
 if [[ -n "${FAKE_FAIL:-}" && "$*" == *"$FAKE_FAIL"* ]]; then exit 3; fi
@@ -140,7 +140,7 @@ def _hopper(tmp_path, args, **env):
   log = tmp_path / "calls.log"
   log.write_text("")
   env = dict(os.environ, FAKE_LOG=str(log), **env)
-  for name in ("JAX_PLATFORMS", "CINEMA_MOSAIC_GPU_FWD_STEPS", "CINEMA_MOSAIC_GPU_FWD_CTAS", "PART"):
+  for name in ("JAX_PLATFORMS", "PART", *(f"CINEMA_MOSAIC_GPU_FWD_{v}" for v in ("OVERLAP", "STEPS", "CTAS"))):
     env.pop(name, None)
   command = ["bash", str(ROOT / "launch" / "hopper_checks.sh"), "--python", str(python), "--anchors", str(anchors)]
   proc = subprocess.run([*command, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -154,25 +154,32 @@ def test_hopper_checks_run_every_step_in_order_into_the_output_folder(tmp_path):
   out = tmp_path / "results"
   bench = ["-m", "cinema_jax.cli", "bench", "attention", "--queue", "10", "--device-time"]
   fwd = ["--lengths", "16384", "--masks", "dense,8-segment", "--impls", "pallas", "--no-backward"]
-  assert [c[4:] for c in calls[:2]] == [
-    [*bench, "--lengths", "4096,16384", "--masks", "dense,8-segment,frame-causal", "--impls", "pallas,cudnn",
-     "--json", f"{out}/targets.json"],
-    ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_mosaic_gpu.py", "-k", "not interpreted"],
+  assert calls[0][5:] == [
+    *bench, "--lengths", "4096,16384", "--masks", "dense,8-segment,frame-causal", "--impls", "pallas,cudnn",
+    "--json", f"{out}/targets.json",
   ]  # fmt: skip
-  assert calls[1][0] == "cuda"  # the tests run on the GPU, not on the CPU the suite defaults to
-  assert calls[2][4:9] == ["-m", "cinema_jax.cli", "bench", "attention", "--profile-kernels"]
-  assert calls[3][:4] == ["", "3", "", ""] and calls[3][4:] == [*bench, *fwd, "--json", f"{out}/ring3.json"]
-  assert calls[4][:4] == ["", "", "sm", ""] and calls[4][4:] == [*bench, *fwd, "--json", f"{out}/persistent.json"]
+  # The forward's variants, each through its setting: overlapped softmax, three-slot ring, persistent.
+  variants = [(c[1:4], c[5:]) for c in calls[1:4]]  # (overlap, ring slots, CTAs), arguments
+  assert variants == [
+    (["1", "", ""], [*bench, *fwd, "--json", f"{out}/overlap.json"]),
+    (["", "3", ""], [*bench, *fwd, "--json", f"{out}/ring3.json"]),
+    (["", "", "sm"], [*bench, *fwd, "--json", f"{out}/persistent.json"]),
+  ]
+  assert calls[4][0] == "cuda"  # the tests run on the GPU, not on the CPU the suite defaults to
+  assert calls[4][5:] == [
+    "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_kernels_mosaic_gpu.py", "-k", "not interpreted"
+  ]  # fmt: skip
+  assert calls[5][5:10] == ["-m", "cinema_jax.cli", "bench", "attention", "--profile-kernels"]
   script = str(anchors / "gpu_anchor_bench.py")
-  assert [c[3:] for c in calls[5:7]] == [["jax", script], ["torch", script]]
-  assert calls[7][4:] == ["-c", "import tokamax"]  # not installed: its script does not run
+  assert [c[4:] for c in calls[6:8]] == [["jax", script], ["torch", script]]
+  assert calls[8][5:] == ["-c", "import tokamax"]  # it does not import: its script does not run
   log = (out / "checks.log").read_text()
-  assert log.count("ran: ") == 7  # every step's output is in the log (not the check for tokamax)
+  assert log.count("ran: ") == 8  # every step's output is in the log (not the check for tokamax)
   summary = log[log.index("== summary") :].splitlines()[1:]
   assert [line.split(":")[0].strip() for line in summary] == [
-    "targets", "tests", "profile", "variants", "variants", "anchors", "anchors", "anchors"
+    "targets", "variants", "variants", "variants", "tests", "profile", "anchors", "anchors", "anchors"
   ]  # fmt: skip
-  assert "anchors:tokamax: skipped (tokamax is not installed)" in summary[-1]
+  assert "anchors:tokamax: skipped (tokamax does not import)" in summary[-1]
 
 
 def test_hopper_checks_keep_to_the_budget_and_say_what_failed(tmp_path):
@@ -193,6 +200,8 @@ def test_hopper_checks_keep_to_the_budget_and_say_what_failed(tmp_path):
     ([], "--out is required"),
     (["--out", "r", "--steps", "targets,speed"], "unknown step 'speed'"),
     (["--out", "r", "--budget", "ten"], "--budget must be a positive integer (seconds), got 'ten'"),
+    (["--out", "r", "--steps", ""], "--steps names no step"),
+    (["--out", "r", "--budget"], "--budget needs a value"),
   ],
 )
 def test_hopper_checks_refuse_bad_arguments_before_running_anything(tmp_path, args, message):
@@ -205,4 +214,14 @@ def test_hopper_checks_dry_run_prints_and_creates_nothing(tmp_path):
   proc, calls, _ = _hopper(tmp_path, ["--out", "r", "--dry-run"])
   assert proc.returncode == 0 and calls == [] and not (tmp_path / "r").exists()
   printed = [shlex.split(line) for line in proc.stdout.splitlines()]
-  assert len(printed) == 8 and printed[1][:2] == ["env", "JAX_PLATFORMS=cuda"]
+  assert len(printed) == 9 and printed[4][:2] == ["env", "JAX_PLATFORMS=cuda"]
+
+
+def test_hopper_checks_take_an_interpreter_given_by_a_relative_path(tmp_path):
+  # The steps run from the project's root: a relative interpreter path is made absolute first.
+  _hopper(tmp_path, ["--out", "r", "--dry-run"])  # writes the stand-in interpreter
+  env = dict(os.environ, FAKE_LOG=str(tmp_path / "calls.log"))
+  command = ["bash", str(ROOT / "launch" / "hopper_checks.sh"), "--python", "./fake-python", "--out", "r"]
+  proc = subprocess.run([*command, "--steps", "targets"], cwd=tmp_path, env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "targets: ok" in (tmp_path / "r" / "checks.log").read_text()

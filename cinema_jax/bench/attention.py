@@ -481,7 +481,8 @@ def main(argv: list[str]) -> int:
   shape = dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=jnp.dtype(args.dtype))
   floor_ms = None if args.profile_kernels else timing.call_floor() * 1e3
   if floor_ms is not None:
-    print(f"a trivial jitted call, waited for: {floor_ms:.3f} ms (the floor under every 'ms' figure: the host's dispatch and wait)", flush=True)
+    floor = f"a trivial jitted call, waited for: {floor_ms:.3f} ms"
+    print(f"{floor} (the floor under every 'ms' figure: the host's dispatch and wait)", flush=True)
   sizes = tile_override(args)
   with contextlib.ExitStack() as stack:
     if sizes is not None:

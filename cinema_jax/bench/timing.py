@@ -58,43 +58,49 @@ def call_floor(iters: int = 20) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceTime:
-  """The device per call: ``ms``, its activity added up; ``kernels``, the same by kernel name, longest first."""
+  """The devices per call: ``ms``, their activity added up (over every device a sharded call runs on); ``kernels``,
+  the same by kernel name, longest first."""
 
   ms: float
   kernels: dict[str, float]
 
 
-# Lines of a profile's device planes that hold the device's own activity, in order of preference: a GPU's streams
-# (CUPTI: "Stream #<id>", one event per kernel or copy; derived lines such as "XLA Ops" repeat their spans), else a
-# TPU's ops.
-_ACTIVITY_LINES = ("Stream #", "XLA Ops")
+# XLA's CUPTI collector puts a GPU's kernels and copies on one line per stream, "Stream #<id>" (with the kinds of its
+# events after it), and names a line "CUPTI overhead" when it holds the tracer's own records, which may share a
+# stream's line: there only the events with a correlation id (the launches') count. A TPU's activity is on its ops
+# line. Other lines (modules, steps) repeat those spans.
+_STREAM, _OVERHEAD, _OPS = "Stream #", "CUPTI overhead", "XLA Ops"
+
+
+def _activity(plane: Any) -> list[Any]:
+  lines = list(plane.lines)
+  events = [e for line in lines if line.name.startswith(_STREAM) for e in line.events]
+  events += [
+    e for line in lines if line.name == _OVERHEAD for e in line.events if any(k == "correlation_id" for k, _ in e.stats)
+  ]
+  if not events:
+    events = [e for line in lines if line.name == _OPS for e in line.events]
+  return events
 
 
 def device_time_from_profile(profile: Any, calls: int) -> DeviceTime:
   """The device activity of ``calls`` calls recorded in ``profile`` (a ``jax.profiler.ProfileData``), per call.
 
-  Sums by name the events of each ``/device:`` plane's activity lines: its streams where it has any, else its ops line.
-  Kernels that ran concurrently on two streams count twice: this is busy time, not a span.
+  Sums by name the events of each ``/device:`` plane's activity: a GPU's streams, else a TPU's ops. Kernels that ran
+  concurrently on two streams count twice: this is busy time, not a span.
   """
   if calls < 1:
     raise ValueError(f"device_time_from_profile: calls must be >= 1, got {calls}")
   by_name: collections.Counter[str] = collections.Counter()
   for plane in profile.planes:
-    if not plane.name.startswith("/device:"):
-      continue
-    lines = list(plane.lines)
-    for prefix in _ACTIVITY_LINES:
-      chosen = [line for line in lines if line.name.startswith(prefix)]
-      if chosen:
-        break
-    for line in chosen:
-      for event in line.events:
+    if plane.name.startswith("/device:"):
+      for event in _activity(plane):
         by_name[event.name] += event.duration_ns
   if not by_name:
     names = [plane.name for plane in profile.planes]
-    wanted = " or ".join(repr(p) for p in _ACTIVITY_LINES)
     raise RuntimeError(
-      f"the profile holds no device activity (no {wanted} line with events on a /device: plane; planes: {names})"
+      f"the profile holds no device activity (no {_STREAM!r} or {_OPS!r} line with events on a /device: plane; "
+      f"planes: {names})"
     )
   kernels = {name: ns / calls / 1e6 for name, ns in by_name.most_common()}
   return DeviceTime(ms=sum(kernels.values()), kernels=kernels)
