@@ -17,6 +17,7 @@ mask; partial tiles evaluate the mask's expression on the ids of their rows (loa
   A list of CTAs walks the (row, head, sample) items: one CTA per item by default, or persistent (one per SM walking
   a share of the items, its producer loading the next item's queries and first blocks while the consumers finish
   the current one); see ``forward_plan``. Its key/value ring has two slots, or more for tuning (``forward_ring``).
+  Opt-in (``forward_overlap``): each consumer also overlaps a tile's softmax with the previous tile's ``p v``.
 * **dq** (tiles ``block_q_bwd x block_kv_bwd``): per query block over its key blocks, ``p = exp(s - lse)``,
   ``dp = dO v^T``, ``ds = p (dp - delta)``, ``dq += ds k``.
 * **dk/dv** (same tiles, transposed lists): per key block over its query blocks (with dO, lse and delta),

@@ -45,7 +45,10 @@ def test_the_scheme_follows_the_rows_of_the_mask(monkeypatch):
   assert "(persistent)" in even and "bwd tiles 128x128" in even
   assert uneven.startswith("fwd 768 CTAs (one per item), 2-slot ring")  # 24 heads x 32 rows of 128
   monkeypatch.setenv(mosaic_gpu.FWD_STEPS_ENV, "3")
-  assert "(one per item), 3-slot ring" in bench._kernel_scheme(q, bench.benchmark_mask("frame-causal", 4096))
+  assert "(one per item), 3-slot ring, bwd" in bench._kernel_scheme(q, bench.benchmark_mask("frame-causal", 4096))
+  monkeypatch.setenv(mosaic_gpu.FWD_OVERLAP_ENV, "1")
+  scheme = bench._kernel_scheme(q, bench.benchmark_mask("frame-causal", 4096))
+  assert "(one per item), 3-slot ring, overlapped softmax, bwd" in scheme
 
 
 def test_any_tile_flag_overrides_and_the_others_keep_the_defaults():

@@ -277,7 +277,8 @@ def _kernel_scheme(q: jax.Array, mask: masks.Mask | None) -> str | None:
   plan = mosaic_gpu.forward_plan(jax.ShapeDtypeStruct((b, km.q_pad, h, d), q.dtype), km, interpret=False)
   kind = "persistent" if plan.persistent else "one per item"
   bwd = km.block_sizes.bwd
-  return f"fwd {plan.ctas} CTAs ({kind}), {plan.steps}-slot ring, bwd tiles {bwd[0]}x{bwd[1]}"
+  overlap = ", overlapped softmax" if plan.overlap else ""
+  return f"fwd {plan.ctas} CTAs ({kind}), {plan.steps}-slot ring{overlap}, bwd tiles {bwd[0]}x{bwd[1]}"
 
 
 def _write_json(path: str, records: list[dict[str, Any]], call_floor_ms: float | None = None) -> None:

@@ -9,6 +9,7 @@ import pathlib
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,14 +73,25 @@ class DeviceTime:
 _STREAM, _OVERHEAD, _OPS = "Stream #", "CUPTI overhead", "XLA Ops"
 
 
-def _activity(plane: Any) -> list[Any]:
+def _activity(plane: Any) -> list[tuple[str, float]]:
+  """(name, nanoseconds) of the plane's activity events. Read while their line is held: an event refers into it."""
+
+  def read(line: Any, launches_only: bool = False) -> list[tuple[str, float]]:
+    # jaxlib 0.11 builds the stats' type on first use with a DeprecationWarning; where warnings are errors that
+    # aborts the process (nanobind), so it is silenced here.
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", DeprecationWarning)
+      return [
+        (e.name, e.duration_ns)
+        for e in line.events
+        if not launches_only or any(key == "correlation_id" for key, _ in e.stats)
+      ]
+
   lines = list(plane.lines)
-  events = [e for line in lines if line.name.startswith(_STREAM) for e in line.events]
-  events += [
-    e for line in lines if line.name == _OVERHEAD for e in line.events if any(k == "correlation_id" for k, _ in e.stats)
-  ]
+  events = [x for line in lines if line.name.startswith(_STREAM) for x in read(line)]
+  events += [x for line in lines if line.name == _OVERHEAD for x in read(line, launches_only=True)]
   if not events:
-    events = [e for line in lines if line.name == _OPS for e in line.events]
+    events = [x for line in lines if line.name == _OPS for x in read(line)]
   return events
 
 
@@ -94,8 +106,8 @@ def device_time_from_profile(profile: Any, calls: int) -> DeviceTime:
   by_name: collections.Counter[str] = collections.Counter()
   for plane in profile.planes:
     if plane.name.startswith("/device:"):
-      for event in _activity(plane):
-        by_name[event.name] += event.duration_ns
+      for name, ns in _activity(plane):
+        by_name[name] += ns
   if not by_name:
     names = [plane.name for plane in profile.planes]
     raise RuntimeError(
