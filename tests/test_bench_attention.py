@@ -335,3 +335,39 @@ def test_the_json_carries_the_per_call_floor(tmp_path, capsys):
   payload = json.loads(out.read_text())
   assert 0 < payload["call_floor_ms"] < min(r["ms"] for r in payload["records"])
   assert "a trivial jitted call, waited for:" in capsys.readouterr().out
+
+
+def test_each_block_sparse_forward_is_checked_against_xla(monkeypatch, capsys):
+  args = dict(batch=1, heads=2, head_dim=64, dtype=jnp.float32, iters=1, warmup=1, backward=True, xla_max_length=128)
+  records = bench.run([128], ["8-segment"], ["pallas", "xla"], **args)
+  checked = [r for r in records if "err" in r]
+  assert [(r["impl"], r["direction"]) for r in checked] == [("pallas", "fwd")]  # not XLA itself, nor gradients
+  assert checked[0]["err"] < 1e-5 and not checked[0]["wrong"]
+  assert "err vs XLA" in bench.table(records)
+
+  # A kernel that computes something else is marked, and fails the run, however fast it is.
+  real = bench._attention_fn
+
+  def wrong_kernel(impl, mask, name, length):
+    fn = real(impl, mask, name, length)
+    return (lambda q, k, v: fn(q, k, v)[:, ::-1]) if impl == "pallas" else fn
+
+  monkeypatch.setattr(bench, "_attention_fn", wrong_kernel)
+  records = bench.run([128], ["8-segment"], ["pallas"], **args)
+  assert records[0]["err"] > 0.5 and records[0]["wrong"]
+  assert "WRONG" in bench.table(records) and "WRONG" in capsys.readouterr().out
+  code = bench.main(["--quick", "--masks", "8-segment", "--impls", "pallas"])
+  assert code == 1
+  assert "pallas at L=128 8-segment is off XLA's output by" in capsys.readouterr().err
+
+
+def test_a_failing_check_leaves_the_timing(monkeypatch):
+  def no_memory(*args):
+    raise MemoryError("no room for the reference's scores")
+
+  monkeypatch.setattr(bench, "output_error", no_memory)
+  args = dict(batch=1, heads=2, head_dim=64, dtype=jnp.float32, iters=1, warmup=1, backward=False, xla_max_length=128)
+  records = bench.run([128], ["causal"], ["pallas"], **args)
+  assert records[0]["ms"] > 0 and records[0].get("err") is None
+  assert records[0]["check_error"] == "MemoryError: no room for the reference's scores"
+  assert bench.error_tolerance(jnp.bfloat16) == 2e-2 and bench.error_tolerance("float32") == 1e-4

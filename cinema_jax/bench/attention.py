@@ -17,7 +17,9 @@ CPU). Each is timed forward and forward+backward (``jax.grad`` of the float32 su
 ``--iters`` runs after warm-up, each call waited for. Two more figures tell the host's share of a short call from the
 device's: ``--queue N`` times N calls queued back to back, and ``--device-time`` reads what the device itself spent
 per call, per kernel, from a profiler trace; the header gives a trivial jitted call's time, the floor under every
-per-call figure.
+per-call figure. Each block-sparse forward (ours, splash) is also checked: its output on the first two heads against
+XLA's in float32 with the same mask (``err vs XLA``, relative), marked WRONG above the dtype's tolerance (2e-2 for
+16-bit inputs, 1e-4 for float32), which also makes the exit status 1.
 
 Figures are reported the way the peer anchor scripts report them: B=1, H=24, D=128, bf16; FLOPs = 4 B L^2 H D x
 density (useful work only) for the forward and 3.5 x that for forward+backward; and every time also as a ratio to
@@ -151,7 +153,8 @@ def run(
   also has ``ms_queued``, the time per call of ``queue`` calls queued back to back (``timing.time_call``): the device
   time, without the host's dispatch and wait. With ``device_time`` a record also has ``ms_device``, what the device
   itself spent per call (its kernels' durations from a profiler trace, ``timing.device_time``), and ``kernels``, the
-  same per kernel.
+  same per kernel. Forward records of the block-sparse kernels have ``err``, their output's relative error against
+  XLA's (``output_error``), and ``wrong`` when it is above ``error_tolerance``.
 
   ``on_record`` sees the records so far (ratios filled in where their reference is measured) after each one, so a
   run cut short keeps what it measured.
@@ -197,6 +200,12 @@ def run(
             except Exception as e:  # noqa: BLE001
               record.update(ms_queued=None, queued_error=f"{type(e).__name__}: {str(e)[:160]}")
               traceback.print_exc(file=sys.stderr)
+          if direction == "fwd" and impl in _CHECKED and record["ms"] is not None and length <= xla_max_length:
+            try:  # the reference's memory, say, must not cost the timings
+              record["err"] = output_error(jitted, q, k, v, mask, name)
+              record["wrong"] = record["err"] > error_tolerance(dtype)
+            except Exception as e:  # noqa: BLE001
+              record.update(err=None, check_error=f"{type(e).__name__}: {str(e)[:160]}")
           if device_time and record["ms"] is not None:
             try:  # a trace needs the profiler's device tracer (CUPTI on a GPU): without it the timings stand
               measured = timing.device_time(jitted, q, k, v, calls=iters)
@@ -210,6 +219,26 @@ def run(
             on_record(records)
   _add_ratios(records)
   return records
+
+
+_CHECKED = ("pallas", "pallas-triton", "splash")  # block-sparse kernels: their forward output is checked
+CHECKED_HEADS = 2  # heads of a block-sparse forward's output compared with XLA's (the reference holds L^2 scores)
+
+
+def output_error(fn: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array, mask, name: str) -> float:
+  """Relative error (Frobenius) of ``fn``'s output against XLA attention in float32 with the same mask, on the first
+  ``CHECKED_HEADS`` heads: a fast kernel that computes something else must not pass for a fast kernel."""
+  heads = slice(0, CHECKED_HEADS)
+  out = jnp.asarray(fn(q, k, v))[:, :, heads].astype(jnp.float32)
+  f32 = [x[:, :, heads].astype(jnp.float32) for x in (q, k, v)]
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(_attention_fn("xla", mask, name, q.shape[1]))(*f32)
+  return float(jnp.linalg.norm(out - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30))
+
+
+def error_tolerance(dtype: Any) -> float:
+  """The largest ``output_error`` a kernel passes with: per input dtype, as the kernel tests hold them."""
+  return 1e-4 if jnp.dtype(dtype) == jnp.float32 else 2e-2
 
 
 def _skip_reason(impl: str, length: int, xla_max_length: int) -> str | None:
@@ -297,10 +326,15 @@ def _progress_line(r: dict[str, Any]) -> str:
     ms += f" (device {r['ms_device']:.3f}: {kernels})"
   elif r.get("device_error"):
     ms += f" (device: FAIL {r['device_error']})"
+  if r.get("err") is not None:
+    ms += f" (error vs XLA {r['err']:.2e}{_WRONG if r.get('wrong') else ''})"
+  elif r.get("check_error"):
+    ms += f" (check: FAIL {r['check_error']})"
   scheme = f"  [{r['scheme']}]" if r.get("scheme") else ""
   return f"  L={r['length']} {r['mask']:<12} {r['impl']:<6} {r['direction']:<7} {ms}{scheme}"
 
 
+_WRONG = " WRONG"  # beside an output error above the dtype's tolerance
 _KERNELS_SHOWN = 4  # the longest kernels of a record named on its progress line (the JSON keeps them all)
 _KERNEL_NAME = 48  # characters of a kernel's name shown there
 
@@ -344,10 +378,13 @@ def _add_ratios(records: list[dict[str, Any]]) -> None:
 def table(records: list[dict[str, Any]]) -> str:
   queued = any(r.get("ms_queued") is not None for r in records)
   device = any(r.get("ms_device") is not None for r in records)
+  checked = any(r.get("err") is not None for r in records)
   splash = any(r.get("ratio_splash") is not None for r in records)
   header = ["L", "mask", "density", "tiles", "impl", "pass", "ms", "TFLOP/s", "x ref dense", "ref"]
   if splash:
     header.append("x splash")
+  if checked:
+    header.append("err vs XLA")
   if device:
     header.insert(7, "device ms")
   if queued:
@@ -368,6 +405,8 @@ def table(records: list[dict[str, Any]]) -> str:
     ]
     if splash:
       row.append("-" if r.get("ratio_splash") is None else float(r["ratio_splash"]))
+    if checked:
+      row.append("-" if r.get("err") is None else f"{r['err']:.1e}{_WRONG if r.get('wrong') else ''}")
     if device:
       row.insert(7, "-" if r.get("ms_device") is None else float(r["ms_device"]))
     if queued:
@@ -518,4 +557,12 @@ def main(argv: list[str]) -> int:
   print(table(records))
   if args.json:
     _write_json(args.json, records, call_floor_ms=floor_ms)
-  return 0 if all(r.get("ms") is not None for r in records if r["impl"] == "pallas") else 1
+  ours = [r for r in records if r["impl"] == "pallas"]
+  wrong = [r for r in records if r.get("wrong")]
+  for r in wrong:
+    print(
+      f"cinema-jax bench attention: {r['impl']} at L={r['length']} {r['mask']} is off XLA's output by {r['err']:.2e} "
+      f"(relative; the tolerance for {args.dtype} is {error_tolerance(args.dtype):.0e})",
+      file=sys.stderr,
+    )
+  return 0 if all(r.get("ms") is not None for r in ours) and not wrong else 1
