@@ -34,7 +34,10 @@ def _is_hopper():
   return int(str(cc).split(".")[0]) >= 9
 
 
-needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="needs an NVIDIA Hopper (or newer) GPU")
+def needs_hopper(test):
+  """Marked ``hopper`` (``-m hopper`` selects the hardware checks) and skipped without a Hopper GPU."""
+  skip = pytest.mark.skipif(not _is_hopper(), reason="needs an NVIDIA Hopper (or newer) GPU")
+  return pytest.mark.hopper(skip(test))
 
 
 def _targets(fn, *specs):

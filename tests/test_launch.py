@@ -167,7 +167,7 @@ def test_hopper_checks_run_every_step_in_order_into_the_output_folder(tmp_path):
   ]
   assert calls[4][0] == "cuda"  # the tests run on the GPU, not on the CPU the suite defaults to
   assert calls[4][5:] == [
-    "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_kernels_mosaic_gpu.py", "-k", "not interpreted"
+    "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_kernels_mosaic_gpu.py", "-m", "hopper"
   ]  # fmt: skip
   assert calls[5][5:10] == ["-m", "cinema_jax.cli", "bench", "attention", "--profile-kernels"]
   script = str(anchors / "gpu_anchor_bench.py")
