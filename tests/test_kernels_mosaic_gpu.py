@@ -337,6 +337,22 @@ def test_the_producers_load_exactly_the_non_empty_tiles(bwd, rng):
   assert non_empty(*bwd) < dense  # the mask does skip tiles
 
 
+def _fill_ring(x_ref, ring, ready, used):
+  """The producer of the small rings below: four blocks through two slots, refilling a slot once it is released."""
+  plgpu = _compat.plgpu()
+  for i in range(4):
+    if i >= 2:
+      plgpu.barrier_wait(used.at[i % 2])
+    plgpu.copy_gmem_to_smem(x_ref.at[i], ring.at[i % 2], ready.at[i % 2])
+
+
+def _store(out, o_ref):
+  plgpu = _compat.plgpu()
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out, o_ref)
+  plgpu.wait_smem_to_gmem(0)
+
+
 def _ring(x, consumer_releases: bool):
   """A two-slot TMA ring walked four times: the kernels' producer/consumer protocol, small."""
   plgpu = _compat.plgpu()
@@ -352,16 +368,9 @@ def _ring(x, consumer_releases: bool):
           out[i] = ring[i % 2] * 2.0
           if consumer_releases:
             plgpu.barrier_arrive(used.at[i % 2])
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out, o_ref)
-        plgpu.wait_smem_to_gmem(0)
+        _store(out, o_ref)
 
-      @pl.when(wg == 1)
-      def _producer():
-        for i in range(4):
-          if i >= 2:
-            plgpu.barrier_wait(used.at[i % 2])
-          plgpu.copy_gmem_to_smem(x_ref.at[i], ring.at[i % 2], ready.at[i % 2])
+      pl.when(wg == 1)(lambda: _fill_ring(x_ref, ring, ready, used))
 
     pl.run_scoped(
       scoped,
@@ -416,18 +425,13 @@ def _wgmma_ring(x, w, release: str):
           out[i] = pl.run_scoped(products, ACC, ACC)
           if release != "before":
             plgpu.barrier_arrive(used.at[i % 2])
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out, o_ref)
-        plgpu.wait_smem_to_gmem(0)
+        _store(out, o_ref)
 
       @pl.when(wg == 1)
       def _producer():
         plgpu.copy_gmem_to_smem(w_ref.at[0], w_smem, w_ready)
         plgpu.copy_gmem_to_smem(w_ref.at[1], w2_smem, w_ready)
-        for i in range(4):
-          if i >= 2:
-            plgpu.barrier_wait(used.at[i % 2])
-          plgpu.copy_gmem_to_smem(x_ref.at[i], ring.at[i % 2], ready.at[i % 2])
+        _fill_ring(x_ref, ring, ready, used)
 
     pl.run_scoped(
       scoped,
