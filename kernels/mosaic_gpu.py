@@ -166,10 +166,10 @@ def _zeros(shape):
   )
 
 
-def _online_softmax(cfg: _Static, scores, m, denom, hide: Callable | None, acc=None):
+def _online_softmax(cfg: _Static, scores, m, denom, hide: Callable | None, acc=None, cast: bool = True):
   """One step of the forward's online softmax over a tile's raw ``scores`` [64, cols] (``hide``: the element mask,
   None on a full tile): ``(acc rescaled, or without acc the factor alpha to rescale it by, the new running max, the
-  new denominator, the probabilities in the input dtype)``."""
+  new denominator, the probabilities in the input dtype, or in float32 without ``cast``)``."""
   scores = scores * cfg.scale2
   if hide is not None:
     scores = hide(scores)
@@ -181,7 +181,7 @@ def _online_softmax(cfg: _Static, scores, m, denom, hide: Callable | None, acc=N
   if acc is not None:
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
   denom = denom * alpha + p.sum(axis=1)
-  return (alpha if acc is None else acc), m_new, denom, p.astype(cfg.dtype)
+  return (alpha if acc is None else acc), m_new, denom, (p.astype(cfg.dtype) if cast else p)
 
 
 def _tile_mask(cfg: _Static, q_ids, kv_ids, q_start, kv_start, *, transposed: bool):
@@ -644,7 +644,7 @@ def _fwd_kernel(
 
           def products(s_ref):
             plgpu.wgmma(s_ref, qo_own, k_smem.at[slot].transpose((1, 0)))
-            plgpu.wgmma(o_ref, p_ref[...], v_smem.at[prev])
+            plgpu.wgmma(o_ref, p16, v_smem.at[prev])
             your_turn()
             return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # q k^T done; p v may still run
 
@@ -656,16 +656,19 @@ def _fwd_kernel(
             plgpu.barrier_arrive(k_used.at[slot])
           with _region("softmax"):
             hide = hide_of(b, q_ids, q_base, entry, s) if masked else None
+            # The probabilities stay float32 here: converted inside the stage, the new ones could take the registers
+            # of the old ones that the p v in flight still reads (ptxas then serialises every WGMMA).
             alpha, m_ref[...], denom_ref[...], p_ref[...] = _online_softmax(
-              cfg, scores, m_ref[...], denom_ref[...], hide
+              cfg, scores, m_ref[...], denom_ref[...], hide, cast=False
             )
             alpha_ref[...] = alpha
 
-        alpha = _zeros((_ROWS,))
-        acc, m, denom, p16, alpha = pl.run_state(issue)((plgpu.ACC.init(acc), m, denom, p16, alpha))
-        with _region("pv"):  # the region's end waited for p v
+        state = (plgpu.ACC.init(acc), m, denom, _zeros((_ROWS, bkv)), _zeros((_ROWS,)))
+        acc, m, denom, p, alpha = pl.run_state(issue)(state)
+        with _region("pv"):  # the region's end waited for p v: its operand's registers are free again
           plgpu.barrier_arrive(v_used.at[prev])
           acc = acc * lax.broadcast_in_dim(alpha, acc.shape, (0,))
+          p16 = p.astype(cfg.dtype)
         return acc, m, denom, p16
 
       def last(_, carry):
