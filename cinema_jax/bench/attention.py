@@ -192,26 +192,26 @@ def run(
             flops = attention_flops(length, heads, head_dim, batch, density, direction != "fwd")
             record.update(ms=seconds * 1e3, tflops=flops / seconds / 1e12)
           except Exception as e:  # noqa: BLE001
-            record.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e)[:160]}")
+            record.update(ms=None, tflops=None, error=_describe(e))
             traceback.print_exc(file=sys.stderr)
           if queue >= 2 and record["ms"] is not None:
             try:  # queued calls hold more memory at once: their failure leaves the per-call time standing
               record.update(ms_queued=timing.time_call(jitted, q, k, v, warmup=1, iters=iters, queue=queue) * 1e3)
             except Exception as e:  # noqa: BLE001
-              record.update(ms_queued=None, queued_error=f"{type(e).__name__}: {str(e)[:160]}")
+              record.update(ms_queued=None, queued_error=_describe(e))
               traceback.print_exc(file=sys.stderr)
           if direction == "fwd" and impl in _CHECKED and record["ms"] is not None and length <= xla_max_length:
             try:  # the reference's memory, say, must not cost the timings
               record["err"] = output_error(jitted, q, k, v, mask, name)
               record["wrong"] = record["err"] > error_tolerance(dtype)
             except Exception as e:  # noqa: BLE001
-              record.update(err=None, check_error=f"{type(e).__name__}: {str(e)[:160]}")
+              record.update(err=None, check_error=_describe(e))
           if device_time and record["ms"] is not None:
             try:  # a trace needs the profiler's device tracer (CUPTI on a GPU): without it the timings stand
               measured = timing.device_time(jitted, q, k, v, calls=iters)
               record.update(ms_device=measured.ms, kernels=measured.kernels)
             except Exception as e:  # noqa: BLE001
-              record.update(ms_device=None, device_error=f"{type(e).__name__}: {str(e)[:160]}")
+              record.update(ms_device=None, device_error=_describe(e))
           records.append(record)
           print(_progress_line(record), flush=True)
           if on_record is not None:
@@ -219,6 +219,11 @@ def run(
             on_record(records)
   _add_ratios(records)
   return records
+
+
+def _describe(e: BaseException) -> str:
+  """A failure as a record keeps it: the exception's type and the start of its message."""
+  return f"{type(e).__name__}: {str(e)[:160]}"
 
 
 _CHECKED = ("pallas", "pallas-triton", "splash")  # block-sparse kernels: their forward output is checked
